@@ -1,0 +1,100 @@
+//! Every wasmtime setting wagg uses, in one place.
+//!
+//! A module runs with two hard limits, both per instance: a cap on its linear
+//! memory (enforced by [`Limiter`](super::instance) on every `memory.grow`)
+//! and a CPU budget per call, counted in fuel. Fuel costs ~4 % of `put`
+//! throughput on this workload, an epoch deadline ~9 %, and fuel is
+//! deterministic: the same batch costs the same fuel on a busy machine, so a
+//! budget never trips because the box was loaded.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use wasmtime::{Config, Engine, OptLevel};
+
+
+/// Default cap on one instance's linear memory.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
+/// Default fuel granted to every call, whatever its size.
+pub const DEFAULT_FUEL_PER_CALL: u64 = 50_000_000;
+/// Default extra fuel granted per sample (or per merged row) in a call.
+pub const DEFAULT_FUEL_PER_SAMPLE: u64 = 20_000;
+/// Default time a compile may take before the module is refused.
+pub const DEFAULT_COMPILE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default cap on the rows one `flush`, `export-state` returns.
+pub const DEFAULT_MAX_OUTPUT_ROWS: usize = 4 << 20;
+/// Largest batch the host passes to `put` (the WIT promises at most this).
+pub const MAX_BATCH: usize = 65_536;
+
+/// Limits and budgets applied to every module instance.
+///
+/// Every field is part of `[runtime]` in `wagg.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeLimits {
+    /// Most bytes one instance's linear memory may grow to. A module that asks
+    /// for more traps with a memory-limit error; its shard recovers.
+    pub memory_limit_bytes: u64,
+    /// Fuel granted to every call before its per-sample share. Fuel is
+    /// roughly one unit per Wasm instruction.
+    pub fuel_per_call: u64,
+    /// Fuel granted per sample in `put`, per row in `merge`, and per open
+    /// row in `flush` and `export-state`. A call that runs out traps with a
+    /// CPU-budget error.
+    pub fuel_per_sample: u64,
+    /// Seconds a compile of an uploaded module may take.
+    pub compile_timeout_secs: u64,
+    /// Most rows a module may return from one `flush` or `export-state`.
+    pub max_output_rows: usize,
+}
+
+impl Default for RuntimeLimits {
+    fn default() -> Self {
+        Self {
+            memory_limit_bytes: DEFAULT_MEMORY_LIMIT,
+            fuel_per_call: DEFAULT_FUEL_PER_CALL,
+            fuel_per_sample: DEFAULT_FUEL_PER_SAMPLE,
+            compile_timeout_secs: DEFAULT_COMPILE_TIMEOUT.as_secs(),
+            max_output_rows: DEFAULT_MAX_OUTPUT_ROWS,
+        }
+    }
+}
+
+impl RuntimeLimits {
+    /// Fuel for a call that handles `items` samples or rows.
+    pub fn fuel_for(&self, items: usize) -> u64 {
+        self.fuel_per_call
+            .saturating_add(self.fuel_per_sample.saturating_mul(items as u64))
+    }
+
+    /// The compile timeout as a [`Duration`].
+    pub fn compile_timeout(&self) -> Duration {
+        Duration::from_secs(self.compile_timeout_secs)
+    }
+}
+
+/// Builds the one [`Engine`] a wagg process uses.
+///
+/// - component model on, everything else a module could import off (the
+///   crate is built with `default-features = false`: no WASI, no threads, no
+///   GC);
+/// - fuel on: the CPU budget (see the module docs);
+/// - no parallel compilation (the `parallel-compilation` feature is left
+///   out): compiles run on one low-priority thread ([`Runtime::load`](super::Runtime::load)),
+///   because on 2 cores a parallel compile raised a busy shard's worst call
+///   from 0.2 ms to 4–8 ms;
+/// - no Wasm backtraces: a trap is reported by kind, and capturing frames
+///   costs time on the error path that a hostile module controls.
+///
+/// # Errors
+///
+/// Fails only if wasmtime refuses the configuration for this CPU.
+pub fn new_engine() -> Result<Engine, wasmtime::Error> {
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .consume_fuel(true)
+        .wasm_backtrace_max_frames(None)
+        .cranelift_opt_level(OptLevel::Speed);
+    Engine::new(&config)
+}

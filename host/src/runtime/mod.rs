@@ -1,0 +1,21 @@
+//! The module runtime: aggregation strategies as sandboxed Wasm components.
+//!
+//! - [`engine`]: every wasmtime setting and the limits each instance gets;
+//! - [`Runtime::load`]: checks, compiles (or loads from the [`cache`]), type
+//!   checks and trial-runs a module;
+//! - [`Instance`]: one instance with its own memory limit and CPU budget,
+//!   whose calls return typed errors and whose output is [`output`]-checked.
+
+mod bindings;
+pub mod cache;
+pub mod engine;
+mod error;
+mod instance;
+mod module;
+pub mod output;
+
+pub use bindings::{AGGREGATOR_EXPORT, Aggregates, ExtraColumn};
+pub use engine::RuntimeLimits;
+pub use error::{InstanceError, LoadError};
+pub use instance::{Batch, Instance, ModuleStats};
+pub use module::{LoadedModule, ModuleInfo, Runtime};

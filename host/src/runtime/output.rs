@@ -1,0 +1,148 @@
+//! Checks on everything a module returns, before the host uses it.
+//!
+//! A module is untrusted: its output is checked row by row so that a bug or a
+//! hostile module costs that module, never a host panic or a wrong point in
+//! the sink.
+
+use std::collections::HashSet;
+
+use super::bindings::Aggregates;
+use super::error::InstanceError;
+
+/// What a module's aggregates must satisfy.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputRules {
+    /// Bucket width: every `bucket-start` is a multiple of it.
+    pub bucket_seconds: u64,
+    /// Most rows accepted.
+    pub max_rows: usize,
+    /// For `flush`: every returned bucket must end at or before it.
+    pub watermark: Option<u64>,
+}
+
+/// Checks `aggs` against `rules`; `known` says whether a series id is one the
+/// host handed to this module.
+///
+/// # Errors
+///
+/// [`InstanceError::BadOutput`] naming the first problem found.
+pub fn check(
+    call: &'static str,
+    aggs: &Aggregates,
+    rules: &OutputRules,
+    known: &dyn Fn(u64) -> bool,
+) -> Result<(), InstanceError> {
+    let bad = |reason: String| Err(InstanceError::BadOutput { call, reason });
+    let n = aggs.series.len();
+    if n > rules.max_rows {
+        return bad(format!("{n} rows, more than the limit of {}", rules.max_rows));
+    }
+    let lens = [
+        ("bucket-start", aggs.bucket_start.len()),
+        ("count", aggs.count.len()),
+        ("sum", aggs.sum.len()),
+        ("min", aggs.min.len()),
+        ("max", aggs.max.len()),
+    ];
+    for (name, len) in lens {
+        if len != n {
+            return bad(format!("column `{name}` has {len} rows, `series` has {n}"));
+        }
+    }
+    for col in &aggs.extra {
+        if col.values.len() != n {
+            return bad(format!(
+                "extra column `{}` has {} rows, `series` has {n}",
+                col.name,
+                col.values.len()
+            ));
+        }
+    }
+    let mut seen = HashSet::with_capacity(n);
+    for i in 0..n {
+        let (series, bucket) = (aggs.series[i], aggs.bucket_start[i]);
+        if !known(series) {
+            return bad(format!("row {i}: unknown series id {series}"));
+        }
+        if rules.bucket_seconds == 0 || bucket % rules.bucket_seconds != 0 {
+            return bad(format!(
+                "row {i}: bucket start {bucket} is not a multiple of {} s",
+                rules.bucket_seconds
+            ));
+        }
+        if let Some(watermark) = rules.watermark
+            && bucket.saturating_add(rules.bucket_seconds) > watermark
+        {
+            return bad(format!(
+                "row {i}: bucket {bucket} is not complete at watermark {watermark}"
+            ));
+        }
+        if aggs.count[i] == 0 {
+            return bad(format!("row {i}: count is 0"));
+        }
+        let (sum, min, max) = (aggs.sum[i], aggs.min[i], aggs.max[i]);
+        if !(sum.is_finite() && min.is_finite() && max.is_finite()) {
+            return bad(format!("row {i}: non-finite value (sum {sum}, min {min}, max {max})"));
+        }
+        if min > max {
+            return bad(format!("row {i}: min {min} > max {max}"));
+        }
+        if !seen.insert((series, bucket)) {
+            return bad(format!("row {i}: series {series} bucket {bucket} returned twice"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_row(series: u64, bucket: u64) -> Aggregates {
+        Aggregates {
+            series: vec![series],
+            bucket_start: vec![bucket],
+            count: vec![2],
+            sum: vec![3.0],
+            min: vec![1.0],
+            max: vec![2.0],
+            extra: vec![],
+        }
+    }
+
+    const RULES: OutputRules = OutputRules {
+        bucket_seconds: 60,
+        max_rows: 10,
+        watermark: Some(120),
+    };
+
+    #[test]
+    fn accepts_a_valid_row() {
+        assert_eq!(check("flush", &one_row(7, 60), &RULES, &|_| true), Ok(()));
+    }
+
+    #[test]
+    fn refuses_each_kind_of_bad_output() {
+        let cases: Vec<(Aggregates, &dyn Fn(u64) -> bool, &str)> = vec![
+            (one_row(7, 60), &|id| id != 7, "unknown series"),
+            (one_row(7, 61), &|_| true, "not a multiple"),
+            (one_row(7, 120), &|_| true, "not complete"),
+            ({ let mut a = one_row(7, 60); a.count[0] = 0; a }, &|_| true, "count is 0"),
+            ({ let mut a = one_row(7, 60); a.sum[0] = f64::NAN; a }, &|_| true, "non-finite"),
+            ({ let mut a = one_row(7, 60); a.min[0] = 5.0; a }, &|_| true, "min 5 > max"),
+            ({ let mut a = one_row(7, 60); a.max.push(1.0); a }, &|_| true, "column `max` has 2"),
+            ({ let mut a = one_row(7, 60); a.series.push(7); a.bucket_start.push(60); a.count.push(1); a.sum.push(1.0); a.min.push(1.0); a.max.push(1.0); a }, &|_| true, "returned twice"),
+        ];
+        for (aggs, known, expected) in cases {
+            let err = check("flush", &aggs, &RULES, known).expect_err(expected);
+            assert!(err.to_string().contains(expected), "{err} lacks {expected}");
+        }
+    }
+
+    #[test]
+    fn refuses_too_many_rows() {
+        let rules = OutputRules { max_rows: 0, ..RULES };
+        let err = check("flush", &one_row(7, 60), &rules, &|_| true).unwrap_err();
+        assert!(err.to_string().contains("more than the limit"));
+    }
+}
