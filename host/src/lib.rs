@@ -4,8 +4,14 @@
 //!
 //! Data flows one way: `source → router → shard → runtime → sink`.
 //!
+//! - [`source`]: where messages come from (RabbitMQ, the demo generator)
+//!   and the message format ([`source::json`]);
+//! - [`router`]: rollups, consistent hashing by customer onto shards, series
+//!   keys;
 //! - [`runtime`]: aggregation strategies as Wasm components run with a memory
 //!   limit and a CPU budget per instance; loading, validation, the compiled
 //!   module cache.
 
+pub mod router;
 pub mod runtime;
+pub mod source;
