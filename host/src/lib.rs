@@ -11,7 +11,13 @@
 //! - [`runtime`]: aggregation strategies as Wasm components run with a memory
 //!   limit and a CPU budget per instance; loading, validation, the compiled
 //!   module cache.
+//! - [`sink`]: where flushed aggregates go: an OpenTSDB-compatible HTTP API
+//!   (batched, gzipped, retried) or a JSON-lines file.
 
+pub mod config;
+pub mod pipeline;
 pub mod router;
 pub mod runtime;
+pub mod shard;
+pub mod sink;
 pub mod source;

@@ -1,1 +1,404 @@
-fn main() {}
+//! The `wagg` binary: parses arguments, sets up logging, runs a command.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use wagg::config::{Config, EXAMPLE};
+use wagg::pipeline::{self, Drain, Parts, PipelineCounters};
+use wagg::runtime::{self, LoadedModule, Runtime};
+use wagg::sink::{FileSinkConfig, Point, Sink, SinkConfig};
+use wagg::source::amqp::AmqpSource;
+use wagg::source::generator::{Generator, GeneratorSource};
+use wagg::source::json::JsonDecoder;
+
+#[derive(Debug, Parser)]
+#[command(name = "wagg", version, about = "WebAssembly-sandboxed metrics aggregation")]
+struct Cli {
+    /// Log filter (tracing's env-filter syntax).
+    #[arg(long, env = "WAGG_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the pipeline: RabbitMQ in, the configured sink out.
+    Run {
+        /// Configuration file (TOML); defaults apply without one.
+        #[arg(long, short, env = "WAGG_CONFIG")]
+        config: Option<PathBuf>,
+        /// Override `router.shards`.
+        #[arg(long)]
+        shards: Option<u32>,
+        /// Override `module.strategy`.
+        #[arg(long)]
+        strategy: Option<String>,
+    },
+    /// Run the real pipeline on generated traffic: no broker, no TSDB. Points
+    /// go to a file; at the end their totals are checked against what was
+    /// generated.
+    Demo {
+        /// How long to generate (e.g. `5s`, `2m`); until Ctrl-C without it.
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Configuration file (TOML) for the generator, router, module.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Override `router.shards`.
+        #[arg(long)]
+        shards: Option<u32>,
+        /// Override `module.strategy`.
+        #[arg(long)]
+        strategy: Option<String>,
+        /// File the points are written to (replaced).
+        #[arg(long, default_value = "wagg-demo-points.jsonl")]
+        out: PathBuf,
+    },
+    /// The configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Aggregation modules.
+    #[command(subcommand)]
+    Module(ModuleCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print a documented configuration with every default.
+    Example,
+    /// Check a configuration file.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModuleCommand {
+    /// Check a module against the wagg world: prints what it exports, or
+    /// why it is refused (and exits non-zero).
+    Validate {
+        /// The `.wasm` component, or a built-in's name.
+        file: String,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Config(ConfigCommand::Example) => {
+            print!("{EXAMPLE}");
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Check { file }) => {
+            load_config(Some(&file))?;
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Module(ModuleCommand::Validate { file }) => validate(&file),
+        Command::Run {
+            config,
+            shards,
+            strategy,
+        } => {
+            let mut cfg = load_config(config.as_deref())?;
+            apply_overrides(&mut cfg, shards, strategy)?;
+            tokio_runtime()?.block_on(run_pipeline(cfg))
+        }
+        Command::Demo {
+            duration,
+            config,
+            shards,
+            strategy,
+            out,
+        } => {
+            let mut cfg = load_config(config.as_deref())?;
+            apply_overrides(&mut cfg, shards, strategy)?;
+            tokio_runtime()?.block_on(demo(cfg, duration, out))
+        }
+    }
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    let Some(path) = path else {
+        return Ok(Config::default());
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Config::from_toml(&text).with_context(|| format!("invalid configuration {}", path.display()))
+}
+
+fn apply_overrides(cfg: &mut Config, shards: Option<u32>, strategy: Option<String>) -> anyhow::Result<()> {
+    if let Some(s) = shards {
+        cfg.router.shards = s;
+    }
+    if let Some(s) = strategy {
+        cfg.module.strategy = s;
+    }
+    cfg.validate().context("invalid configuration")?;
+    Ok(())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 5s, 500ms, 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A strategy's bytes: a built-in's name, or a file.
+fn module_bytes(strategy: &str) -> anyhow::Result<Vec<u8>> {
+    if let Some(bytes) = runtime::builtin(strategy) {
+        return Ok(bytes.to_vec());
+    }
+    std::fs::read(strategy).with_context(|| {
+        format!(
+            "`{strategy}` is neither a built-in strategy ({}) nor a readable file",
+            runtime::builtin_names().join(", ")
+        )
+    })
+}
+
+fn validate(file: &str) -> anyhow::Result<()> {
+    let bytes = module_bytes(file)?;
+    let runtime = Runtime::new(Default::default(), None)?;
+    match runtime.load(&bytes) {
+        Ok(module) => {
+            let info = module.info();
+            println!("ok: {file}");
+            println!("  world:   {}@{}", info.world, info.version);
+            println!("  exports: {}", info.exports.join(", "));
+            println!("  id:      {}", info.id);
+            println!("  size:    {} bytes, compiled in {:.1?}", info.size_bytes, info.compile_time);
+            Ok(())
+        }
+        Err(err) => bail!("{file} is refused: {err}"),
+    }
+}
+
+fn load_modules(cfg: &Config, runtime: &Runtime) -> anyhow::Result<(Arc<LoadedModule>, Arc<LoadedModule>)> {
+    let load = |name: &str| -> anyhow::Result<Arc<LoadedModule>> {
+        let bytes = module_bytes(name)?;
+        runtime
+            .load(&bytes)
+            .with_context(|| format!("module `{name}` is refused"))
+    };
+    let fallback = load("hashmap")?;
+    let module = if cfg.module.strategy == "hashmap" {
+        fallback.clone()
+    } else {
+        load(&cfg.module.strategy)?
+    };
+    Ok((module, fallback))
+}
+
+fn parts(cfg: &Config, sink: Sink) -> anyhow::Result<Parts> {
+    let runtime = Runtime::new(cfg.runtime.clone(), Some(&cfg.pipeline.data_dir.join("compiled")))?;
+    let (module, fallback) = load_modules(cfg, &runtime)?;
+    Ok(Parts {
+        config: cfg.pipeline.clone(),
+        router: Arc::new(cfg.router.clone()),
+        runtime,
+        module,
+        options: cfg.module_options(),
+        fallback,
+        decoder: Arc::new(JsonDecoder::new(cfg.decode)),
+        sink: Arc::new(sink),
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("Shutting down: flushing complete buckets and acknowledging what is written.");
+}
+
+async fn run_pipeline(cfg: Config) -> anyhow::Result<()> {
+    let sink = Sink::from_config(&cfg.sink).context("cannot set up the sink")?;
+    let parts = parts(&cfg, sink)?;
+    let source = AmqpSource::connect(cfg.source.amqp.clone())
+        .await
+        .context("cannot connect to RabbitMQ")?;
+    tracing::info!(shards = cfg.router.shards, strategy = %cfg.module.strategy, "Pipeline running.");
+    let counters = Arc::new(PipelineCounters::default());
+    pipeline::run(parts, source, counters, Drain::Complete, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn demo(mut cfg: Config, duration: Option<Duration>, out: PathBuf) -> anyhow::Result<()> {
+    // A fresh data directory: a demo never resumes an old checkpoint.
+    let data = tempfile::tempdir().context("cannot create a temporary directory")?;
+    cfg.pipeline.data_dir = data.path().to_path_buf();
+    cfg.pipeline.idle_flush_secs = 0;
+    match std::fs::remove_file(&out) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot replace {}", out.display())),
+    }
+    let sink = Sink::from_config(&SinkConfig::File(FileSinkConfig { path: out.clone() }))?;
+    let parts = parts(&cfg, sink)?;
+    let generator = Generator::new(cfg.generator.clone(), cfg.pipeline.bucket_seconds).map_err(anyhow::Error::msg)?;
+    let source = GeneratorSource::new(generator, None);
+    let totals = source.totals();
+    let counters = Arc::new(PipelineCounters::default());
+    eprintln!(
+        "wagg demo: {} shards running `{}`, bucket {} s, event time x{}; points to {}",
+        cfg.router.shards,
+        cfg.module.strategy,
+        cfg.pipeline.bucket_seconds,
+        cfg.generator.time_scale,
+        out.display()
+    );
+    let status = tokio::spawn(status_line(counters.clone()));
+    let stop = async move {
+        match duration {
+            Some(d) => {
+                tokio::select! {
+                    () = tokio::time::sleep(d) => {}
+                    () = shutdown_signal() => {}
+                }
+            }
+            None => shutdown_signal().await,
+        }
+    };
+    let started = Instant::now();
+    pipeline::run(parts, source, counters.clone(), Drain::Everything, stop).await?;
+    status.abort();
+    let elapsed = started.elapsed();
+    eprintln!();
+    let totals = totals.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let samples = counters.samples.load(Ordering::Relaxed);
+    println!(
+        "generated {} messages, {} metrics, {} samples in {:.2?}: {:.0} samples/s",
+        totals.messages,
+        totals.metrics,
+        samples,
+        elapsed,
+        samples as f64 / elapsed.as_secs_f64()
+    );
+    check_demo_output(&out, &cfg, &totals)
+}
+
+/// Reads the demo's points back and compares them with what was generated:
+/// every rollup's points must add up to the generated total, and every
+/// point of the `customer` rollup must equal its generated total exactly.
+fn check_demo_output(
+    out: &Path,
+    cfg: &Config,
+    totals: &wagg::source::generator::Totals,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(out).with_context(|| format!("cannot read {}", out.display()))?;
+    let mut per_rollup: std::collections::BTreeMap<String, f64> = Default::default();
+    let mut customer_points = 0usize;
+    let mut mismatches = 0usize;
+    for line in text.lines() {
+        let p: Point = serde_json::from_str(line).context("the sink file holds a line that is not a point")?;
+        let rollup = p.tags.get("rollup").cloned().unwrap_or_default();
+        *per_rollup.entry(rollup.clone()).or_default() += p.value;
+        if rollup == "customer" {
+            customer_points += 1;
+            let customer: u64 = p.tags.get("customer").and_then(|c| c.parse().ok()).unwrap_or(u64::MAX);
+            let pop = p.tags.get("pop").cloned().unwrap_or_default();
+            if totals.per_customer.get(&(customer, pop, p.timestamp)) != Some(&p.value) {
+                mismatches += 1;
+            }
+        }
+    }
+    let mut ok = mismatches == 0 && customer_points == totals.per_customer.len();
+    for rollup in &cfg.router.rollups {
+        let got = per_rollup.get(&rollup.name).copied().unwrap_or(0.0);
+        let exact = got == totals.count_sum;
+        ok &= exact;
+        println!(
+            "rollup {:<10} total {:>14} (generated {:>14}) {}",
+            rollup.name,
+            got,
+            totals.count_sum,
+            if exact { "exact" } else { "MISMATCH" }
+        );
+    }
+    println!(
+        "customer points: {customer_points} written, {} expected, {mismatches} differ",
+        totals.per_customer.len()
+    );
+    if !ok {
+        bail!("the points written do not match what was generated");
+    }
+    println!("ok: totals exact");
+    Ok(())
+}
+
+async fn status_line(counters: Arc<PipelineCounters>) {
+    let mut last = (Instant::now(), 0u64);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let samples = counters.samples.load(Ordering::Relaxed);
+        let rate = (samples - last.1) as f64 / last.0.elapsed().as_secs_f64();
+        last = (Instant::now(), samples);
+        let (series, memory) = counters.shards.get().map_or((0, 0), |shards| {
+            shards.iter().fold((0, 0), |(s, m), c| {
+                (
+                    s + c.live_series.load(Ordering::Relaxed),
+                    m + c.memory_bytes.load(Ordering::Relaxed),
+                )
+            })
+        });
+        eprint!(
+            "\r{:>10.0} samples/s | {:>8} live series | {:>4} flushes | {:>8} points | module memory {:>6.1} MiB   ",
+            rate,
+            series,
+            counters.flushes.load(Ordering::Relaxed),
+            counters.points_written.load(Ordering::Relaxed),
+            memory as f64 / (1 << 20) as f64
+        );
+    }
+}

@@ -33,6 +33,19 @@ pub fn hash_u64(v: u64) -> u64 {
     xxh3_64(&v.to_le_bytes())
 }
 
+/// Hash of a text shard key as it is written in series keys (sanitised),
+/// so that a key read back from a checkpoint picks the same shard.
+#[inline]
+pub fn hash_sanitized(value: &str) -> u64 {
+    if value.bytes().all(tsdb_char) {
+        xxh3_64(value.as_bytes())
+    } else {
+        let mut buf = Vec::with_capacity(value.len());
+        push_sanitized(&mut buf, value);
+        xxh3_64(&buf)
+    }
+}
+
 /// One sample whose series key lives in its batch's key arena.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KeyedSample {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use keys::{KeyBatch, KeyedSample, SeriesKey, hash_bytes, hash_u64};
+pub use keys::{KeyBatch, KeyedSample, SeriesKey, hash_bytes, hash_sanitized, hash_u64};
 
 use crate::source::json::{Message, Metric};
 
@@ -175,13 +175,27 @@ impl Router {
     pub fn shard_of(&self, pop: &str, host: &str, metric: &Metric<'_>) -> u32 {
         let h = match self.config.shard_key {
             Tag::Customer => keys::hash_u64(metric.customer),
-            Tag::Zone => keys::hash_bytes(metric.zone.as_bytes()),
-            Tag::Record => keys::hash_bytes(metric.record.as_bytes()),
-            Tag::Type => keys::hash_bytes(metric.rtype.as_bytes()),
-            Tag::Pop => keys::hash_bytes(pop.as_bytes()),
-            Tag::Host => keys::hash_bytes(host.as_bytes()),
+            Tag::Zone => keys::hash_sanitized(&metric.zone),
+            Tag::Record => keys::hash_sanitized(&metric.record),
+            Tag::Type => keys::hash_sanitized(&metric.rtype),
+            Tag::Pop => keys::hash_sanitized(pop),
+            Tag::Host => keys::hash_sanitized(host),
         };
         jump_hash(h, self.config.shards)
+    }
+
+    /// The shard of a series key read back (from a checkpoint): the same
+    /// shard [`shard_of`](Self::shard_of) picked for its samples. `None` if
+    /// the key does not fit this configuration.
+    pub fn shard_of_key(&self, key: &SeriesKey<'_>) -> Option<u32> {
+        let rollup = self.config.rollups.get(key.rollup as usize)?;
+        let pos = rollup.tags.iter().position(|t| *t == self.config.shard_key)?;
+        let value = key.values.get(pos)?;
+        let h = match self.config.shard_key {
+            Tag::Customer => keys::hash_u64(value.parse().ok()?),
+            _ => keys::hash_sanitized(value),
+        };
+        Some(jump_hash(h, self.config.shards))
     }
 
     /// Appends every rollup key of every metric of `msg` to the batch of its

@@ -19,3 +19,17 @@ pub use engine::RuntimeLimits;
 pub use error::{InstanceError, LoadError};
 pub use instance::{Batch, Instance, ModuleStats};
 pub use module::{LoadedModule, ModuleInfo, Runtime};
+
+/// The component bytes of a built-in strategy (`hashmap`, `btree`,
+/// `sorted`, `leaky`), embedded in the binary at build time.
+pub fn builtin(name: &str) -> Option<&'static [u8]> {
+    wagg_artifacts::BUILTINS
+        .iter()
+        .find(|g| g.name == name)
+        .map(|g| g.bytes)
+}
+
+/// Names of the built-in strategies.
+pub fn builtin_names() -> Vec<&'static str> {
+    wagg_artifacts::BUILTINS.iter().map(|g| g.name).collect()
+}

@@ -122,7 +122,7 @@ pub struct Message<'a> {
 
 /// Turns a message body into a [`Message`]. A trait so that a binary
 /// encoding can be added beside JSON.
-pub trait Decoder: Send + Sync {
+pub trait Decoder: Send + Sync + std::fmt::Debug {
     /// Decodes and validates `body`.
     ///
     /// # Errors

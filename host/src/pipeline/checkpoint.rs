@@ -1,0 +1,152 @@
+//! The checkpoint: everything needed to resume without the messages it
+//! covers, written atomically.
+//!
+//! Messages are acknowledged to the broker only after a checkpoint holding
+//! their effect is on disk: every shard's open buckets (by series key), the
+//! flushed points the sink has not confirmed, the watermark, and the hashes
+//! of the messages taken since the checkpoint before the last. After a crash
+//! the broker redelivers what was not acknowledged; a redelivered message
+//! whose hash is in the checkpoint was already counted, and is acknowledged
+//! without being counted again.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::cache::write_atomic;
+use crate::shard::StateRow;
+use crate::sink::Point;
+
+/// Format version; a checkpoint of another version is refused, not guessed.
+pub const VERSION: u32 = 1;
+
+/// A checkpoint as written to disk.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// [`VERSION`].
+    pub version: u32,
+    /// Buckets ending at or before this were flushed.
+    pub flushed_watermark: u64,
+    /// Latest event time seen.
+    pub max_event_time: u64,
+    /// Open buckets of every shard.
+    pub rows: Vec<StateRow>,
+    /// Flushed points the sink has not confirmed.
+    pub pending: Vec<Point>,
+    /// XXH3 hashes of the message bodies taken since the checkpoint before
+    /// this one's predecessor (see the module docs).
+    pub recent_messages: Vec<u64>,
+}
+
+/// Errors reading or writing a checkpoint.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckpointError {
+    /// The file could not be read or written.
+    #[error("checkpoint {path}: {source}")]
+    Io {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not a checkpoint of this version.
+    #[error("checkpoint {path} is unreadable: {reason}")]
+    Corrupt {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where a pipeline keeps its checkpoint.
+#[derive(Debug, Clone)]
+pub struct CheckpointStore {
+    path: PathBuf,
+}
+
+impl CheckpointStore {
+    /// The checkpoint file in `data_dir`.
+    pub fn new(data_dir: &Path) -> Self {
+        CheckpointStore {
+            path: data_dir.join("checkpoint.json"),
+        }
+    }
+
+    /// The checkpoint file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the checkpoint; `None` if there is none yet.
+    ///
+    /// # Errors
+    ///
+    /// If the file exists but cannot be read or parsed: starting without it
+    /// would silently lose (or double-count) the data it holds, so this is
+    /// an error for the operator.
+    pub fn load(&self) -> Result<Option<Checkpoint>, CheckpointError> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(CheckpointError::Io {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        let cp: Checkpoint = serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        if cp.version != VERSION {
+            return Err(CheckpointError::Corrupt {
+                path: self.path.clone(),
+                reason: format!("version {} (this wagg reads {VERSION})", cp.version),
+            });
+        }
+        Ok(Some(cp))
+    }
+
+    /// Writes `cp` atomically (temporary file, fsync, rename).
+    ///
+    /// # Errors
+    ///
+    /// On any I/O error; the previous checkpoint is then still in place.
+    pub fn save(&self, cp: &Checkpoint) -> Result<(), CheckpointError> {
+        let io = |source| CheckpointError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let bytes = serde_json::to_vec(cp).map_err(|e| io(std::io::Error::other(e)))?;
+        write_atomic(&self.path, &bytes).map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_refuses_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::new(dir.path());
+        assert_eq!(store.load().unwrap(), None);
+        let cp = Checkpoint {
+            version: VERSION,
+            flushed_watermark: 120,
+            max_event_time: 130,
+            recent_messages: vec![1, 2],
+            ..Checkpoint::default()
+        };
+        store.save(&cp).unwrap();
+        assert_eq!(store.load().unwrap(), Some(cp));
+        std::fs::write(store.path(), b"{not json").unwrap();
+        assert!(matches!(store.load(), Err(CheckpointError::Corrupt { .. })));
+    }
+}

@@ -1,0 +1,615 @@
+//! The pipeline: a source's messages through the router into shards, their
+//! flushes to the sink, and acknowledgements tied to checkpoints.
+//!
+//! # Why acknowledgements follow checkpoints
+//!
+//! A bucket is complete only after its width plus the allowed lateness (a
+//! minute or more), but AMQP lets a consumer hold at most 65 535 unacked
+//! messages per channel: at 10 000 messages/s that is 6.5 s. Acking after
+//! the flush would need buckets of a few seconds or dozens of channels. So
+//! wagg acks at **checkpoints** instead, every `checkpoint_interval_ms`
+//! (1 s by default): the checkpoint holds every shard's open buckets and
+//! every flushed point the sink has not confirmed, so the messages before it
+//! are durable and are acked with one `multiple` ack. Unacked messages are
+//! then about one checkpoint interval of traffic, whatever the bucket width.
+//!
+//! # The loop
+//!
+//! One task takes deliveries, decodes them (dead-lettering what does not
+//! decode), drops samples of already-flushed buckets (late, counted),
+//! routes the rest into per-shard batches, and sends a batch when it is full
+//! or `batch_max_delay_ms` old. On a tick it advances the watermark
+//! (latest event time minus the allowed lateness, or everything after
+//! `idle_flush_secs` without a message) and has every shard flush, and cuts
+//! checkpoints. A sink task writes what shards flushed, retrying until the
+//! sink confirms; while more than `max_pending_points` wait for it, no
+//! deliveries are taken (backpressure: the broker keeps the rest).
+
+pub mod checkpoint;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::router::{KeyBatch, Router, RouterConfig, SeriesKey};
+use crate::runtime::{LoadedModule, Runtime};
+use crate::shard::{Command, Outbox, ShardHandle, ShardSpec, StateRow};
+use crate::sink::Sink;
+use crate::source::amqp::{Delivery, DeliveryTag, SourceError};
+use crate::source::json::Decoder;
+use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, VERSION};
+
+/// `[pipeline]` in wagg.toml.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Bucket width in seconds: points are written at bucket starts.
+    pub bucket_seconds: u32,
+    /// How far behind the latest event time a sample may arrive and still be
+    /// counted. A bucket is flushed once the latest event time is past its
+    /// end by this much; a sample for a flushed bucket is late: it is
+    /// dropped and counted (`wagg_late_samples_total`), because OpenTSDB
+    /// keeps the last write of a point and a second, partial write would
+    /// replace the complete total.
+    pub allowed_lateness_secs: u64,
+    /// After this many seconds without a message, every open bucket is
+    /// flushed (the stream is taken as complete up to its latest event). 0
+    /// disables it.
+    pub idle_flush_secs: u64,
+    /// Samples per batch handed to a module.
+    pub batch_size: usize,
+    /// A batch not full after this long is sent anyway.
+    pub batch_max_delay_ms: u64,
+    /// Time between checkpoints, and so between acknowledgements.
+    pub checkpoint_interval_ms: u64,
+    /// Buckets without a sample after which a series leaves the dictionary.
+    pub forget_after_buckets: u64,
+    /// Flushed points waiting for the sink beyond which no more deliveries
+    /// are taken.
+    pub max_pending_points: usize,
+    /// Directory for the checkpoint, uploaded modules and compiled modules.
+    pub data_dir: PathBuf,
+    /// How long shutdown waits for the sink to confirm flushed points (what
+    /// it does not confirm stays in the checkpoint and is written after the
+    /// next start).
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            bucket_seconds: 60,
+            allowed_lateness_secs: 30,
+            idle_flush_secs: 120,
+            batch_size: 1024,
+            batch_max_delay_ms: 50,
+            checkpoint_interval_ms: 1000,
+            forget_after_buckets: 2,
+            max_pending_points: 1_000_000,
+            data_dir: PathBuf::from("wagg-data"),
+            shutdown_timeout_secs: 10,
+        }
+    }
+}
+
+/// Where deliveries come from: RabbitMQ, or the demo's generator.
+pub trait Source: Send {
+    /// The next delivery; `None` when the source is finished.
+    fn next(&mut self) -> impl Future<Output = Option<Delivery>> + Send;
+    /// Acknowledges every delivery up to `tag`.
+    fn ack_upto(&self, tag: DeliveryTag) -> impl Future<Output = Result<bool, SourceError>> + Send;
+    /// Sends one delivery to the dead-letter queue with a reason.
+    fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        code: &str,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+}
+
+impl Source for crate::source::amqp::AmqpSource {
+    async fn next(&mut self) -> Option<Delivery> {
+        crate::source::amqp::AmqpSource::next(self).await
+    }
+    async fn ack_upto(&self, tag: DeliveryTag) -> Result<bool, SourceError> {
+        crate::source::amqp::AmqpSource::ack_upto(self, tag).await
+    }
+    async fn dead_letter(&self, d: &Delivery, code: &str, reason: &str) -> Result<(), SourceError> {
+        crate::source::amqp::AmqpSource::dead_letter(self, d, code, reason)
+            .await
+            .map(drop)
+    }
+}
+
+/// Why the pipeline stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// The checkpoint could not be read or written.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// A shard could not start.
+    #[error("shard {shard} cannot start: {error}")]
+    Shard {
+        /// Shard index.
+        shard: u32,
+        /// Why.
+        error: crate::runtime::InstanceError,
+    },
+    /// A shard stopped (its module and the fallback both failed).
+    #[error("a shard stopped; see the log")]
+    ShardStopped,
+    /// The configuration is invalid.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Counters of the pipeline, readable while it runs.
+#[derive(Debug, Default)]
+pub struct PipelineCounters {
+    /// Messages taken from the source.
+    pub messages: AtomicU64,
+    /// Messages dead-lettered as malformed.
+    pub dead_lettered: AtomicU64,
+    /// Redelivered messages recognised as already counted.
+    pub duplicates: AtomicU64,
+    /// Samples routed to shards.
+    pub samples: AtomicU64,
+    /// Samples dropped as late.
+    pub late_samples: AtomicU64,
+    /// Checkpoints written.
+    pub checkpoints: AtomicU64,
+    /// Flushes (watermark advances).
+    pub flushes: AtomicU64,
+    /// Points the sink confirmed.
+    pub points_written: AtomicU64,
+    /// Points the sink refused individually.
+    pub points_refused: AtomicU64,
+    /// Sink writes that failed after their retries (and were tried again).
+    pub sink_failures: AtomicU64,
+    /// Each shard's counters, once the shards have started.
+    pub shards: std::sync::OnceLock<Vec<Arc<crate::shard::ShardCounters>>>,
+}
+
+/// What the pipeline is made of.
+#[derive(Debug)]
+pub struct Parts {
+    /// `[pipeline]`.
+    pub config: PipelineConfig,
+    /// `[router]`, validated.
+    pub router: Arc<RouterConfig>,
+    /// The module runtime.
+    pub runtime: Runtime,
+    /// The module every shard runs, and its options.
+    pub module: Arc<LoadedModule>,
+    /// Options for the module's `configure`.
+    pub options: Vec<(String, String)>,
+    /// The module that takes over a shard whose module keeps failing.
+    pub fallback: Arc<LoadedModule>,
+    /// The message decoder.
+    pub decoder: Arc<dyn Decoder>,
+    /// Where flushed points go.
+    pub sink: Arc<Sink>,
+}
+
+/// How the pipeline ends when told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Flush only complete buckets; the open ones stay in the checkpoint for
+    /// the next start (`wagg run`).
+    Complete,
+    /// Flush every bucket (`wagg demo`, whose stream ends for good).
+    Everything,
+}
+
+/// The pipeline's running state.
+struct Coordinator<S: Source> {
+    parts: Parts,
+    source: S,
+    router: Router,
+    shards: Vec<ShardHandle>,
+    batches: Vec<KeyBatch>,
+    batch_started: Option<Instant>,
+    outbox: Arc<Outbox>,
+    store: CheckpointStore,
+    counters: Arc<PipelineCounters>,
+    flushed_watermark: u64,
+    max_event_time: u64,
+    last_tag: Option<DeliveryTag>,
+    acked_tag: Option<DeliveryTag>,
+    recent: HashSet<u64>,
+    previous: HashSet<u64>,
+    last_delivery: Instant,
+    open_data: bool,
+}
+
+/// Runs the pipeline until `shutdown` resolves or the source ends, then
+/// drains as `drain` says, writes a last checkpoint and acks.
+///
+/// # Errors
+///
+/// A [`PipelineError`] if the checkpoint cannot be read or written, or a
+/// shard cannot start or stops.
+pub async fn run<S: Source>(
+    parts: Parts,
+    source: S,
+    counters: Arc<PipelineCounters>,
+    drain: Drain,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), PipelineError> {
+    let store = CheckpointStore::new(&parts.config.data_dir);
+    let cp = store.load()?.unwrap_or(Checkpoint {
+        version: VERSION,
+        ..Checkpoint::default()
+    });
+    if !cp.rows.is_empty() || !cp.pending.is_empty() {
+        tracing::info!(
+            rows = cp.rows.len(),
+            pending = cp.pending.len(),
+            watermark = cp.flushed_watermark,
+            "Resuming from checkpoint."
+        );
+    }
+    let router = Router::new(parts.router.clone());
+    let outbox = Outbox::new();
+    outbox.push(cp.pending);
+    let shards = start_shards(&parts, &router, &outbox, cp.rows)?;
+    let _ = counters
+        .shards
+        .set(shards.iter().map(|s| s.counters().clone()).collect());
+    let n = shards.len();
+    let mut co = Coordinator {
+        batches: (0..n).map(|_| KeyBatch::with_capacity(parts.config.batch_size)).collect(),
+        batch_started: None,
+        source,
+        router,
+        shards,
+        outbox: outbox.clone(),
+        store,
+        counters: counters.clone(),
+        flushed_watermark: cp.flushed_watermark,
+        max_event_time: cp.max_event_time,
+        last_tag: None,
+        acked_tag: None,
+        recent: HashSet::new(),
+        previous: cp.recent_messages.into_iter().collect(),
+        last_delivery: Instant::now(),
+        open_data: cp.max_event_time > cp.flushed_watermark,
+        parts,
+    };
+    let (stop_sink_tx, stop_sink_rx) = tokio::sync::watch::channel(false);
+    let sink_task = tokio::spawn(sink_loop(
+        co.parts.sink.clone(),
+        outbox.clone(),
+        counters.clone(),
+        stop_sink_rx,
+    ));
+    let result = co.main_loop(shutdown).await;
+    let result = match result {
+        Ok(()) => co.drain(drain).await,
+        Err(e) => Err(e),
+    };
+    // Give the sink time to write what was flushed; whatever it has not
+    // confirmed is in the last checkpoint.
+    let deadline = Instant::now() + Duration::from_secs(co.parts.config.shutdown_timeout_secs);
+    while outbox.pending_points() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if result.is_ok() && outbox.pending_points() == 0 {
+        // Nothing pending any more: a last checkpoint without the points.
+        let _ = co.checkpoint().await;
+    }
+    let _ = stop_sink_tx.send(true);
+    outbox.wake();
+    let _ = sink_task.await;
+    for shard in co.shards.drain(..) {
+        shard.stop();
+    }
+    result
+}
+
+fn start_shards(
+    parts: &Parts,
+    router: &Router,
+    outbox: &Arc<Outbox>,
+    rows: Vec<StateRow>,
+) -> Result<Vec<ShardHandle>, PipelineError> {
+    let n = parts.router.shards;
+    let mut per_shard: Vec<Vec<StateRow>> = (0..n).map(|_| Vec::new()).collect();
+    for row in rows {
+        // Rows are stored by key, not by shard, so a checkpoint survives a
+        // change of the shard count: each row goes where its key hashes now.
+        let key = hex::decode(&row.key).map_err(|e| {
+            PipelineError::Checkpoint(CheckpointError::Corrupt {
+                path: PathBuf::new(),
+                reason: format!("row key is not hex: {e}"),
+            })
+        })?;
+        let shard = SeriesKey::parse(&key)
+            .and_then(|k| router.shard_of_key(&k))
+            .ok_or_else(|| PipelineError::Config(format!(
+                "the checkpoint holds a series key that does not fit the [router] rollups; restore the configuration it was written with"
+            )))?;
+        per_shard[shard as usize].push(row);
+    }
+    per_shard
+        .into_iter()
+        .enumerate()
+        .map(|(i, restore)| {
+            let spec = ShardSpec {
+                index: i as u32,
+                module: parts.module.clone(),
+                options: parts.options.clone(),
+                fallback: parts.fallback.clone(),
+                bucket_seconds: parts.config.bucket_seconds,
+                forget_after_buckets: parts.config.forget_after_buckets,
+                router: parts.router.clone(),
+            };
+            ShardHandle::start(spec, parts.runtime.clone(), outbox.clone(), restore)
+                .map_err(|error| PipelineError::Shard { shard: i as u32, error })
+        })
+        .collect()
+}
+
+/// Writes whatever the outbox holds, in order, retrying a failed write
+/// until it succeeds or the pipeline stops: flushed points are never
+/// dropped (they stay in every checkpoint until confirmed).
+async fn sink_loop(
+    sink: Arc<Sink>,
+    outbox: Arc<Outbox>,
+    counters: Arc<PipelineCounters>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut next = 0u64;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let jobs = outbox.jobs_from(next);
+        if jobs.is_empty() {
+            if *stop.borrow() {
+                return;
+            }
+            tokio::select! {
+                () = outbox.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+            continue;
+        }
+        for (seq, points) in jobs {
+            match sink.write(&points).await {
+                Ok(report) => {
+                    counters
+                        .points_written
+                        .fetch_add(report.written as u64, Ordering::Relaxed);
+                    if !report.refused.is_empty() {
+                        counters
+                            .points_refused
+                            .fetch_add(report.refused.len() as u64, Ordering::Relaxed);
+                        tracing::error!(
+                            refused = report.refused.len(),
+                            first = %report.refused[0].1,
+                            "The sink refused points; they are lost."
+                        );
+                    }
+                    outbox.confirm(seq);
+                    next = seq + 1;
+                    backoff = Duration::from_millis(100);
+                }
+                Err(err) => {
+                    counters.sink_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %err, pending = outbox.pending_points(), "Sink write failed; retrying.");
+                    if *stop.borrow() {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl<S: Source> Coordinator<S> {
+    async fn main_loop(&mut self, shutdown: impl Future<Output = ()>) -> Result<(), PipelineError> {
+        let cfg = self.parts.config.clone();
+        let tick_every = Duration::from_millis(cfg.batch_max_delay_ms.clamp(5, 1000));
+        let mut tick = tokio::time::interval(tick_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_checkpoint = Instant::now();
+        let checkpoint_every = Duration::from_millis(cfg.checkpoint_interval_ms.max(10));
+        tokio::pin!(shutdown);
+        let mut source_done = false;
+        loop {
+            let backpressure = self.outbox.pending_points() > cfg.max_pending_points;
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                delivery = self.source.next(), if !backpressure && !source_done => {
+                    match delivery {
+                        Some(d) => self.take(d).await?,
+                        None => source_done = true,
+                    }
+                }
+                _ = tick.tick() => {
+                    self.on_tick().await?;
+                    if last_checkpoint.elapsed() >= checkpoint_every {
+                        self.checkpoint().await?;
+                        last_checkpoint = Instant::now();
+                    }
+                    if source_done {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one delivery.
+    async fn take(&mut self, d: Delivery) -> Result<(), PipelineError> {
+        self.counters.messages.fetch_add(1, Ordering::Relaxed);
+        self.last_delivery = Instant::now();
+        let hash = xxhash_rust::xxh3::xxh3_64(&d.body);
+        if d.redelivered && (self.recent.contains(&hash) || self.previous.contains(&hash)) {
+            // Counted before a reconnect or a restart, and its effect is in
+            // the state (or the checkpoint): ack it with the next checkpoint.
+            self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            self.last_tag = self.last_tag.max(Some(d.tag));
+            return Ok(());
+        }
+        let decoder = self.parts.decoder.clone();
+        let msg = match decoder.decode(&d.body) {
+            Ok(msg) => msg,
+            Err(err) => {
+                self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(code = err.code(), error = %err, "Malformed message; dead-lettering it.");
+                if let Err(e) = self.source.dead_letter(&d, err.code(), &err.to_string()).await {
+                    // It stays unacked and comes back after a reconnect.
+                    tracing::warn!(error = %e, "Could not dead-letter a malformed message.");
+                }
+                return Ok(());
+            }
+        };
+        let width = u64::from(self.parts.config.bucket_seconds);
+        let bucket_end = msg.time - msg.time % width + width;
+        let samples = msg.metrics.len() * self.parts.router.rollups.len();
+        if bucket_end <= self.flushed_watermark {
+            self.counters.late_samples.fetch_add(samples as u64, Ordering::Relaxed);
+        } else {
+            self.router.route(&msg, &mut self.batches);
+            self.counters.samples.fetch_add(samples as u64, Ordering::Relaxed);
+            self.max_event_time = self.max_event_time.max(msg.time);
+            self.open_data = true;
+            self.batch_started.get_or_insert_with(Instant::now);
+        }
+        self.recent.insert(hash);
+        self.last_tag = self.last_tag.max(Some(d.tag));
+        drop(msg);
+        let full = self.parts.config.batch_size;
+        for i in 0..self.batches.len() {
+            if self.batches[i].len() >= full {
+                self.send_batch(i).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_batch(&mut self, i: usize) -> Result<(), PipelineError> {
+        let cap = self.parts.config.batch_size;
+        let batch = std::mem::replace(&mut self.batches[i], KeyBatch::with_capacity(cap));
+        self.shards[i]
+            .send(Command::Put(batch))
+            .await
+            .map_err(|_| PipelineError::ShardStopped)
+    }
+
+    async fn send_all_batches(&mut self) -> Result<(), PipelineError> {
+        for i in 0..self.batches.len() {
+            if !self.batches[i].is_empty() {
+                self.send_batch(i).await?;
+            }
+        }
+        self.batch_started = None;
+        Ok(())
+    }
+
+    async fn on_tick(&mut self) -> Result<(), PipelineError> {
+        let cfg = self.parts.config.clone();
+        if self
+            .batch_started
+            .is_some_and(|t| t.elapsed() >= Duration::from_millis(cfg.batch_max_delay_ms))
+        {
+            self.send_all_batches().await?;
+        }
+        let width = u64::from(cfg.bucket_seconds);
+        let mut watermark = self.max_event_time.saturating_sub(cfg.allowed_lateness_secs);
+        watermark -= watermark % width;
+        if cfg.idle_flush_secs > 0
+            && self.open_data
+            && self.last_delivery.elapsed() >= Duration::from_secs(cfg.idle_flush_secs)
+        {
+            watermark = self.max_event_time - self.max_event_time % width + width;
+        }
+        self.flush_to(watermark).await
+    }
+
+    async fn flush_to(&mut self, watermark: u64) -> Result<(), PipelineError> {
+        if watermark <= self.flushed_watermark {
+            return Ok(());
+        }
+        self.send_all_batches().await?;
+        for shard in &self.shards {
+            shard
+                .send(Command::Flush(watermark))
+                .await
+                .map_err(|_| PipelineError::ShardStopped)?;
+        }
+        self.flushed_watermark = watermark;
+        if watermark > self.max_event_time {
+            self.open_data = false;
+        }
+        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes a checkpoint at the current message boundary, then acks every
+    /// delivery it covers.
+    async fn checkpoint(&mut self) -> Result<(), PipelineError> {
+        self.send_all_batches().await?;
+        let mut rows = Vec::new();
+        for shard in &self.shards {
+            let (tx, rx) = oneshot::channel();
+            shard
+                .send(Command::Snapshot(tx))
+                .await
+                .map_err(|_| PipelineError::ShardStopped)?;
+            rows.extend(rx.await.map_err(|_| PipelineError::ShardStopped)?);
+        }
+        let cp = Checkpoint {
+            version: VERSION,
+            flushed_watermark: self.flushed_watermark,
+            max_event_time: self.max_event_time,
+            rows,
+            pending: self.outbox.pending(),
+            recent_messages: self.recent.iter().chain(&self.previous).copied().collect(),
+        };
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.save(&cp))
+            .await
+            .map_err(|e| PipelineError::Config(format!("checkpoint writer panicked: {e}")))??;
+        self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+        if let Some(tag) = self.last_tag
+            && Some(tag) > self.acked_tag
+        {
+            match self.source.ack_upto(tag).await {
+                Ok(_) => self.acked_tag = Some(tag),
+                // Not acked: the messages come back as redeliveries and are
+                // recognised by their hashes.
+                Err(e) => tracing::warn!(error = %e, "Acknowledgement failed; the broker will redeliver."),
+            }
+        }
+        self.previous = std::mem::take(&mut self.recent);
+        Ok(())
+    }
+
+    async fn drain(&mut self, drain: Drain) -> Result<(), PipelineError> {
+        self.send_all_batches().await?;
+        let cfg = self.parts.config.clone();
+        let width = u64::from(cfg.bucket_seconds);
+        let watermark = match drain {
+            Drain::Everything if self.open_data => {
+                self.max_event_time - self.max_event_time % width + width
+            }
+            _ => {
+                let w = self.max_event_time.saturating_sub(cfg.allowed_lateness_secs);
+                w - w % width
+            }
+        };
+        self.flush_to(watermark).await?;
+        self.checkpoint().await
+    }
+}

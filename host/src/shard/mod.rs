@@ -1,0 +1,453 @@
+//! Shards: each owns a module instance and a series dictionary, on a thread
+//! of its own.
+//!
+//! A shard turns keyed samples into id batches for its module, flushes
+//! complete buckets to the [`Outbox`] as points, and snapshots its open
+//! buckets for checkpoints. When its module fails (a trap, an exhausted
+//! limit, bad output), the shard rebuilds the module's state from the last
+//! snapshot plus a log of what it did since, and carries on; a module that
+//! fails again on the same data is replaced by the fallback module (the
+//! built-in hashmap). One shard's failure never stops another.
+
+pub mod dictionary;
+pub mod outbox;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+pub use dictionary::Dictionary;
+pub use outbox::Outbox;
+
+use crate::router::{KeyBatch, RouterConfig, SeriesKey};
+use crate::runtime::{
+    Aggregates, Batch, Instance, InstanceError, LoadedModule, ModuleStats, Runtime,
+};
+use crate::sink::Point;
+
+/// One open bucket of one series, by key: the form of a shard's state in a
+/// checkpoint, independent of ids and of the module that held it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateRow {
+    /// Series key, hex.
+    pub key: String,
+    /// Bucket start, seconds.
+    pub bucket: u64,
+    /// Samples aggregated.
+    pub count: u64,
+    /// Sum of values.
+    pub sum: f64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+/// What a shard is told to do, in order.
+#[derive(Debug)]
+pub enum Command {
+    /// Aggregate these samples.
+    Put(KeyBatch),
+    /// Flush every bucket that ends at or before this watermark.
+    Flush(u64),
+    /// Reply with every open bucket (for a checkpoint).
+    Snapshot(oneshot::Sender<Vec<StateRow>>),
+    /// Reply with the module's stats.
+    Stats(oneshot::Sender<ShardStats>),
+}
+
+/// How a shard's module is configured.
+#[derive(Debug, Clone)]
+pub struct ShardSpec {
+    /// Shard index.
+    pub index: u32,
+    /// The module to run.
+    pub module: Arc<LoadedModule>,
+    /// Options passed to the module's `configure`.
+    pub options: Vec<(String, String)>,
+    /// Module that takes over when `module` fails twice on the same data.
+    pub fallback: Arc<LoadedModule>,
+    /// Bucket width, seconds.
+    pub bucket_seconds: u32,
+    /// Buckets without a sample after which a series is forgotten.
+    pub forget_after_buckets: u64,
+    /// Router configuration, to turn keys back into tags.
+    pub router: Arc<RouterConfig>,
+}
+
+/// A snapshot of a shard's figures.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ShardStats {
+    /// Shard index.
+    pub shard: u32,
+    /// Module id (SHA-256) now running.
+    pub module: String,
+    /// The module's stats.
+    #[serde(skip)]
+    pub module_stats: ModuleStats,
+    /// Live series in the dictionary.
+    pub dictionary_series: usize,
+    /// Approximate dictionary bytes.
+    pub dictionary_bytes: usize,
+}
+
+/// Counters a shard updates and anyone may read.
+#[derive(Debug, Default)]
+pub struct ShardCounters {
+    /// Samples put into the module.
+    pub samples: AtomicU64,
+    /// Batches put.
+    pub batches: AtomicU64,
+    /// Points flushed.
+    pub points: AtomicU64,
+    /// Module failures recovered from.
+    pub failures: AtomicU64,
+    /// Nanoseconds spent in `put`.
+    pub put_nanos: AtomicU64,
+    /// Live series the module reported at its last flush.
+    pub live_series: AtomicU64,
+    /// The module's linear memory at its last flush, bytes.
+    pub memory_bytes: AtomicU64,
+}
+
+/// The handle of a running shard.
+#[derive(Debug)]
+pub struct ShardHandle {
+    tx: mpsc::Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+    counters: Arc<ShardCounters>,
+}
+
+/// Commands a shard may have queued before senders wait: the bound is the
+/// backpressure from a slow module to the router.
+const QUEUE: usize = 64;
+
+impl ShardHandle {
+    /// Starts a shard whose module first merges `restore` (from a
+    /// checkpoint).
+    ///
+    /// # Errors
+    ///
+    /// If neither the module nor the fallback can be instantiated and
+    /// restored.
+    pub fn start(
+        spec: ShardSpec,
+        runtime: Runtime,
+        outbox: Arc<Outbox>,
+        restore: Vec<StateRow>,
+    ) -> Result<Self, InstanceError> {
+        let counters = Arc::new(ShardCounters::default());
+        let mut shard = Shard {
+            instance: None,
+            module: spec.module.clone(),
+            dict: Dictionary::new(),
+            batch: Batch::with_capacity(1024),
+            base: restore,
+            log: Vec::new(),
+            spec,
+            runtime,
+            outbox,
+            counters: counters.clone(),
+        };
+        shard.rebuild()?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let thread = std::thread::Builder::new()
+            .name(format!("wagg-shard-{}", shard.spec.index))
+            .spawn(move || shard.run(rx))
+            .map_err(|e| InstanceError::Poisoned(format!("cannot start shard thread: {e}")))?;
+        Ok(ShardHandle {
+            tx,
+            thread: Some(thread),
+            counters,
+        })
+    }
+
+    /// Queues a command, waiting while the shard's queue is full.
+    ///
+    /// # Errors
+    ///
+    /// If the shard has stopped.
+    pub async fn send(&self, cmd: Command) -> Result<(), ShardStopped> {
+        self.tx.send(cmd).await.map_err(|_| ShardStopped)
+    }
+
+    /// The shard's counters.
+    pub fn counters(&self) -> &Arc<ShardCounters> {
+        &self.counters
+    }
+
+    /// Stops the shard after its queued commands and waits for its thread.
+    pub fn stop(mut self) {
+        drop(self.tx);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A shard's thread ended (only at shutdown, or after a bug).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the shard has stopped")]
+pub struct ShardStopped;
+
+/// What a shard did since its last snapshot, to rebuild a failed module.
+#[derive(Debug)]
+enum Logged {
+    Put(KeyBatch),
+    Flush(u64),
+}
+
+struct Shard {
+    spec: ShardSpec,
+    runtime: Runtime,
+    outbox: Arc<Outbox>,
+    counters: Arc<ShardCounters>,
+    instance: Option<Instance>,
+    /// The module now running (the spec's, or the fallback after failures).
+    module: Arc<LoadedModule>,
+    dict: Dictionary,
+    batch: Batch,
+    /// Open buckets at the last snapshot.
+    base: Vec<StateRow>,
+    /// Everything done since `base`.
+    log: Vec<Logged>,
+}
+
+/// The result of a command, applied by `Shard::finish` once it succeeded.
+enum Outcome {
+    Put,
+    Flushed(Vec<Point>),
+    Rows(Vec<StateRow>),
+    Stats(ModuleStats),
+}
+
+/// Attempts at rebuilding with the configured module before the fallback
+/// takes over: one rebuild covers a transient failure (a trap caused by one
+/// batch that the rebuilt state then handles), a second failure on the same
+/// command means the module cannot run this data.
+const REBUILDS_BEFORE_FALLBACK: u32 = 1;
+
+impl Shard {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(cmd) = rx.blocking_recv() {
+            let mut failures = 0;
+            let outcome = loop {
+                match self.execute(&cmd) {
+                    Ok(outcome) => break outcome,
+                    Err(err) => {
+                        failures += 1;
+                        self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                        if let Err(fatal) = self.recover(&err, failures) {
+                            // Nothing can run this shard's data any more:
+                            // the shard stops taking commands, so the
+                            // pipeline stalls and acknowledges nothing
+                            // rather than lose data.
+                            tracing::error!(
+                                shard = self.spec.index,
+                                error = %fatal,
+                                "Shard cannot rebuild its module and stops; unacknowledged data will be redelivered after a restart."
+                            );
+                            return;
+                        }
+                    }
+                }
+            };
+            self.finish(cmd, outcome);
+        }
+    }
+
+    /// Runs one command against the module. Effects that must happen once
+    /// (outbox, log, replies) wait for `finish`, so a command that failed
+    /// can run again after a rebuild.
+    fn execute(&mut self, cmd: &Command) -> Result<Outcome, InstanceError> {
+        match cmd {
+            Command::Put(keys) => self.put(keys).map(|()| Outcome::Put),
+            Command::Flush(watermark) => self.flush(*watermark).map(Outcome::Flushed),
+            Command::Snapshot(_) => self.export().map(Outcome::Rows),
+            Command::Stats(_) => self.instance()?.stats().map(Outcome::Stats),
+        }
+    }
+
+    fn finish(&mut self, cmd: Command, outcome: Outcome) {
+        match (cmd, outcome) {
+            (Command::Put(keys), Outcome::Put) => self.log.push(Logged::Put(keys)),
+            (Command::Flush(watermark), Outcome::Flushed(points)) => {
+                self.counters
+                    .points
+                    .fetch_add(points.len() as u64, Ordering::Relaxed);
+                self.outbox.push(points);
+                self.log.push(Logged::Flush(watermark));
+            }
+            (Command::Snapshot(reply), Outcome::Rows(rows)) => {
+                self.base = rows.clone();
+                self.log.clear();
+                let _ = reply.send(rows);
+            }
+            (Command::Stats(reply), Outcome::Stats(module_stats)) => {
+                let _ = reply.send(ShardStats {
+                    shard: self.spec.index,
+                    module: self.module.id().to_string(),
+                    module_stats,
+                    dictionary_series: self.dict.len(),
+                    dictionary_bytes: self.dict.bytes(),
+                });
+            }
+            _ => unreachable!("execute returns the outcome of its command"),
+        }
+    }
+
+    fn instance(&mut self) -> Result<&mut Instance, InstanceError> {
+        self.instance
+            .as_mut()
+            .ok_or_else(|| InstanceError::Poisoned("no instance".into()))
+    }
+
+    fn put(&mut self, keys: &KeyBatch) -> Result<(), InstanceError> {
+        let width = u64::from(self.spec.bucket_seconds);
+        self.batch.clear();
+        for s in keys.samples() {
+            let bucket = s.timestamp - s.timestamp % width;
+            let id = self.dict.intern(keys.key(s), bucket);
+            self.batch.push(id, s.timestamp, s.value);
+        }
+        let started = std::time::Instant::now();
+        let instance = self.instance.as_mut().ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
+        instance.put(&self.batch)?;
+        let c = &self.counters;
+        c.put_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        c.samples.fetch_add(keys.len() as u64, Ordering::Relaxed);
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn flush(&mut self, watermark: u64) -> Result<Vec<Point>, InstanceError> {
+        let dict = &self.dict;
+        let instance = self.instance.as_mut().ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
+        let aggs = instance.flush(watermark, &|id| dict.contains(id))?;
+        let stats = instance.stats()?;
+        let points = self.points(&aggs)?;
+        self.counters.live_series.store(stats.live_series, Ordering::Relaxed);
+        self.counters.memory_bytes.store(stats.memory_bytes, Ordering::Relaxed);
+        self.forget(watermark);
+        Ok(points)
+    }
+
+    /// Forgets series idle for `forget_after_buckets` whole buckets before
+    /// `watermark`. Their buckets were flushed, so the module holds none.
+    fn forget(&mut self, watermark: u64) {
+        let width = u64::from(self.spec.bucket_seconds);
+        let horizon = watermark.saturating_sub(width.saturating_mul(self.spec.forget_after_buckets + 1));
+        self.dict.forget_before(horizon - horizon % width);
+    }
+
+    fn points(&self, aggs: &Aggregates) -> Result<Vec<Point>, InstanceError> {
+        let router = &self.spec.router;
+        let mut points = Vec::with_capacity(aggs.len());
+        for i in 0..aggs.len() {
+            // `flush` checked every id against the dictionary, so a key is
+            // always found; a key that does not parse would be a host bug
+            // (or a corrupted checkpoint) and is reported as bad output.
+            let tags = self
+                .dict
+                .key(aggs.series[i])
+                .and_then(SeriesKey::parse)
+                .and_then(|k| k.tags(router))
+                .ok_or_else(|| InstanceError::BadOutput {
+                    call: "flush",
+                    reason: format!("series {} has no valid key", aggs.series[i]),
+                })?;
+            points.push(Point {
+                metric: router.metric.clone(),
+                timestamp: aggs.bucket_start[i],
+                value: aggs.sum[i],
+                tags,
+            });
+        }
+        Ok(points)
+    }
+
+    fn export(&mut self) -> Result<Vec<StateRow>, InstanceError> {
+        let dict = &self.dict;
+        let instance = self.instance.as_mut().ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
+        let aggs = instance.export_state(&|id| dict.contains(id))?;
+        let mut rows = Vec::with_capacity(aggs.len());
+        for i in 0..aggs.len() {
+            let key = dict.key(aggs.series[i]).unwrap_or_default();
+            rows.push(StateRow {
+                key: hex::encode(key),
+                bucket: aggs.bucket_start[i],
+                count: aggs.count[i],
+                sum: aggs.sum[i],
+                min: aggs.min[i],
+                max: aggs.max[i],
+            });
+        }
+        Ok(rows)
+    }
+
+    /// Replaces a failed instance: the configured module again on the first
+    /// failure of a command, the fallback after that.
+    fn recover(&mut self, err: &InstanceError, failures: u32) -> Result<(), InstanceError> {
+        if failures > REBUILDS_BEFORE_FALLBACK && !Arc::ptr_eq(&self.module, &self.spec.fallback) {
+            tracing::warn!(
+                shard = self.spec.index,
+                module = self.module.id(),
+                error = %err,
+                "Module failed again on the same data; the fallback module takes over this shard."
+            );
+            self.module = self.spec.fallback.clone();
+        } else if failures > REBUILDS_BEFORE_FALLBACK + 1 {
+            return Err(err.clone());
+        } else {
+            tracing::warn!(
+                shard = self.spec.index,
+                module = self.module.id(),
+                kind = err.kind(),
+                error = %err,
+                "Module failed; rebuilding its state from the last snapshot."
+            );
+        }
+        self.rebuild()
+    }
+
+    /// A fresh instance holding the state the failed one should have had:
+    /// the last snapshot merged in, then the log replayed. Flushes in the log
+    /// already reached the outbox; replaying them only removes their buckets
+    /// again, and their output (the same totals) is dropped.
+    fn rebuild(&mut self) -> Result<(), InstanceError> {
+        self.instance = None;
+        let mut instance = self.runtime.instantiate(
+            &self.module,
+            self.spec.bucket_seconds,
+            &self.spec.options,
+        )?;
+        if !self.base.is_empty() {
+            let mut aggs = Aggregates::empty();
+            for row in &self.base {
+                let key = hex::decode(&row.key).map_err(|e| InstanceError::BadOutput {
+                    call: "merge",
+                    reason: format!("checkpoint key is not hex: {e}"),
+                })?;
+                aggs.series.push(self.dict.intern(&key, row.bucket));
+                aggs.bucket_start.push(row.bucket);
+                aggs.count.push(row.count);
+                aggs.sum.push(row.sum);
+                aggs.min.push(row.min);
+                aggs.max.push(row.max);
+            }
+            instance.merge(&aggs)?;
+        }
+        self.instance = Some(instance);
+        let log = std::mem::take(&mut self.log);
+        let replayed = log.iter().try_for_each(|entry| match entry {
+            Logged::Put(keys) => self.put(keys),
+            Logged::Flush(watermark) => self.flush(*watermark).map(drop),
+        });
+        self.log = log;
+        replayed
+    }
+}

@@ -1,0 +1,97 @@
+//! Flushed points on their way to the sink.
+//!
+//! Shards put what they flush here; the sink task takes it out only once the
+//! sink confirmed the write. Everything still here is part of every
+//! checkpoint, so a point is durable from the moment its shard flushed it:
+//! that is what lets the pipeline acknowledge messages at a checkpoint
+//! without waiting for the sink.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::sink::Point;
+
+/// Points waiting for the sink, in flush order.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    inner: Mutex<Inner>,
+    notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    next_seq: u64,
+    jobs: BTreeMap<u64, Arc<Vec<Point>>>,
+    points: usize,
+}
+
+impl Outbox {
+    /// An empty outbox.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves consistent data (every
+        // operation is a single insert or remove), so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds points for the sink; an empty list is ignored.
+    pub fn push(&self, points: Vec<Point>) {
+        if points.is_empty() {
+            return;
+        }
+        {
+            let mut inner = self.lock();
+            let seq = inner.next_seq;
+            inner.next_seq += 1;
+            inner.points += points.len();
+            inner.jobs.insert(seq, Arc::new(points));
+        }
+        self.notify.notify_one();
+    }
+
+    /// Jobs with a sequence number of at least `from`, oldest first.
+    pub fn jobs_from(&self, from: u64) -> Vec<(u64, Arc<Vec<Point>>)> {
+        self.lock()
+            .jobs
+            .range(from..)
+            .map(|(s, j)| (*s, j.clone()))
+            .collect()
+    }
+
+    /// Removes job `seq`: the sink confirmed it.
+    pub fn confirm(&self, seq: u64) {
+        let mut inner = self.lock();
+        if let Some(job) = inner.jobs.remove(&seq) {
+            inner.points -= job.len();
+        }
+    }
+
+    /// Every point not yet confirmed (for a checkpoint).
+    pub fn pending(&self) -> Vec<Point> {
+        self.lock()
+            .jobs
+            .values()
+            .flat_map(|j| j.iter().cloned())
+            .collect()
+    }
+
+    /// Number of points not yet confirmed.
+    pub fn pending_points(&self) -> usize {
+        self.lock().points
+    }
+
+    /// Waits until something is pushed.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Wakes a waiting sink task (for shutdown).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+}

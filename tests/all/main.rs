@@ -1,0 +1,5 @@
+//! wagg's end-to-end tests: one binary, a module per feature. Run
+//! `bash tests/setup.sh` first on a fresh machine.
+
+mod amqp;
+mod sink;
