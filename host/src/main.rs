@@ -17,7 +17,11 @@ use wagg::source::generator::{Generator, GeneratorSource};
 use wagg::source::json::JsonDecoder;
 
 #[derive(Debug, Parser)]
-#[command(name = "wagg", version, about = "WebAssembly-sandboxed metrics aggregation")]
+#[command(
+    name = "wagg",
+    version,
+    about = "WebAssembly-sandboxed metrics aggregation"
+)]
 struct Cli {
     /// Log filter (tracing's env-filter syntax).
     #[arg(long, env = "WAGG_LOG", default_value = "info", global = true)]
@@ -150,11 +154,16 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     let Some(path) = path else {
         return Ok(Config::default());
     };
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     Config::from_toml(&text).with_context(|| format!("invalid configuration {}", path.display()))
 }
 
-fn apply_overrides(cfg: &mut Config, shards: Option<u32>, strategy: Option<String>) -> anyhow::Result<()> {
+fn apply_overrides(
+    cfg: &mut Config,
+    shards: Option<u32>,
+    strategy: Option<String>,
+) -> anyhow::Result<()> {
     if let Some(s) = shards {
         cfg.router.shards = s;
     }
@@ -166,8 +175,13 @@ fn apply_overrides(cfg: &mut Config, shards: Option<u32>, strategy: Option<Strin
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
-    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 5s, 500ms, 2m"))?;
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 5s, 500ms, 2m"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "" | "s" => n,
@@ -201,14 +215,20 @@ fn validate(file: &str) -> anyhow::Result<()> {
             println!("  world:   {}@{}", info.world, info.version);
             println!("  exports: {}", info.exports.join(", "));
             println!("  id:      {}", info.id);
-            println!("  size:    {} bytes, compiled in {:.1?}", info.size_bytes, info.compile_time);
+            println!(
+                "  size:    {} bytes, compiled in {:.1?}",
+                info.size_bytes, info.compile_time
+            );
             Ok(())
         }
         Err(err) => bail!("{file} is refused: {err}"),
     }
 }
 
-fn load_modules(cfg: &Config, runtime: &Runtime) -> anyhow::Result<(Arc<LoadedModule>, Arc<LoadedModule>)> {
+fn load_modules(
+    cfg: &Config,
+    runtime: &Runtime,
+) -> anyhow::Result<(Arc<LoadedModule>, Arc<LoadedModule>)> {
     let load = |name: &str| -> anyhow::Result<Arc<LoadedModule>> {
         let bytes = module_bytes(name)?;
         runtime
@@ -225,7 +245,10 @@ fn load_modules(cfg: &Config, runtime: &Runtime) -> anyhow::Result<(Arc<LoadedMo
 }
 
 fn parts(cfg: &Config, sink: Sink) -> anyhow::Result<Parts> {
-    let runtime = Runtime::new(cfg.runtime.clone(), Some(&cfg.pipeline.data_dir.join("compiled")))?;
+    let runtime = Runtime::new(
+        cfg.runtime.clone(),
+        Some(&cfg.pipeline.data_dir.join("compiled")),
+    )?;
     let (module, fallback) = load_modules(cfg, &runtime)?;
     Ok(Parts {
         config: cfg.pipeline.clone(),
@@ -243,13 +266,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -284,7 +308,8 @@ async fn demo(mut cfg: Config, duration: Option<Duration>, out: PathBuf) -> anyh
     }
     let sink = Sink::from_config(&SinkConfig::File(FileSinkConfig { path: out.clone() }))?;
     let parts = parts(&cfg, sink)?;
-    let generator = Generator::new(cfg.generator.clone(), cfg.pipeline.bucket_seconds).map_err(anyhow::Error::msg)?;
+    let generator = Generator::new(cfg.generator.clone(), cfg.pipeline.bucket_seconds)
+        .map_err(anyhow::Error::msg)?;
     let source = GeneratorSource::new(generator, None);
     let totals = source.totals();
     let counters = Arc::new(PipelineCounters::default());
@@ -334,17 +359,23 @@ fn check_demo_output(
     cfg: &Config,
     totals: &wagg::source::generator::Totals,
 ) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(out).with_context(|| format!("cannot read {}", out.display()))?;
+    let text =
+        std::fs::read_to_string(out).with_context(|| format!("cannot read {}", out.display()))?;
     let mut per_rollup: std::collections::BTreeMap<String, f64> = Default::default();
     let mut customer_points = 0usize;
     let mut mismatches = 0usize;
     for line in text.lines() {
-        let p: Point = serde_json::from_str(line).context("the sink file holds a line that is not a point")?;
+        let p: Point =
+            serde_json::from_str(line).context("the sink file holds a line that is not a point")?;
         let rollup = p.tags.get("rollup").cloned().unwrap_or_default();
         *per_rollup.entry(rollup.clone()).or_default() += p.value;
         if rollup == "customer" {
             customer_points += 1;
-            let customer: u64 = p.tags.get("customer").and_then(|c| c.parse().ok()).unwrap_or(u64::MAX);
+            let customer: u64 = p
+                .tags
+                .get("customer")
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(u64::MAX);
             let pop = p.tags.get("pop").cloned().unwrap_or_default();
             if totals.per_customer.get(&(customer, pop, p.timestamp)) != Some(&p.value) {
                 mismatches += 1;

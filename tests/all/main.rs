@@ -2,4 +2,5 @@
 //! `bash tests/setup.sh` first on a fresh machine.
 
 mod amqp;
+mod pipeline;
 mod sink;

@@ -97,10 +97,11 @@ impl CheckpointStore {
                 });
             }
         };
-        let cp: Checkpoint = serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        })?;
+        let cp: Checkpoint =
+            serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            })?;
         if cp.version != VERSION {
             return Err(CheckpointError::Corrupt {
                 path: self.path.clone(),

@@ -265,7 +265,9 @@ pub async fn run<S: Source>(
         .set(shards.iter().map(|s| s.counters().clone()).collect());
     let n = shards.len();
     let mut co = Coordinator {
-        batches: (0..n).map(|_| KeyBatch::with_capacity(parts.config.batch_size)).collect(),
+        batches: (0..n)
+            .map(|_| KeyBatch::with_capacity(parts.config.batch_size))
+            .collect(),
         batch_started: None,
         source,
         router,
@@ -333,9 +335,11 @@ fn start_shards(
         })?;
         let shard = SeriesKey::parse(&key)
             .and_then(|k| router.shard_of_key(&k))
-            .ok_or_else(|| PipelineError::Config(format!(
+            .ok_or_else(|| PipelineError::Config(
                 "the checkpoint holds a series key that does not fit the [router] rollups; restore the configuration it was written with"
-            )))?;
+                    .into(),
+                )
+                )?;
         per_shard[shard as usize].push(row);
     }
     per_shard
@@ -351,8 +355,12 @@ fn start_shards(
                 forget_after_buckets: parts.config.forget_after_buckets,
                 router: parts.router.clone(),
             };
-            ShardHandle::start(spec, parts.runtime.clone(), outbox.clone(), restore)
-                .map_err(|error| PipelineError::Shard { shard: i as u32, error })
+            ShardHandle::start(spec, parts.runtime.clone(), outbox.clone(), restore).map_err(
+                |error| PipelineError::Shard {
+                    shard: i as u32,
+                    error,
+                },
+            )
         })
         .collect()
 }
@@ -467,7 +475,11 @@ impl<S: Source> Coordinator<S> {
             Err(err) => {
                 self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(code = err.code(), error = %err, "Malformed message; dead-lettering it.");
-                if let Err(e) = self.source.dead_letter(&d, err.code(), &err.to_string()).await {
+                if let Err(e) = self
+                    .source
+                    .dead_letter(&d, err.code(), &err.to_string())
+                    .await
+                {
                     // It stays unacked and comes back after a reconnect.
                     tracing::warn!(error = %e, "Could not dead-letter a malformed message.");
                 }
@@ -478,10 +490,14 @@ impl<S: Source> Coordinator<S> {
         let bucket_end = msg.time - msg.time % width + width;
         let samples = msg.metrics.len() * self.parts.router.rollups.len();
         if bucket_end <= self.flushed_watermark {
-            self.counters.late_samples.fetch_add(samples as u64, Ordering::Relaxed);
+            self.counters
+                .late_samples
+                .fetch_add(samples as u64, Ordering::Relaxed);
         } else {
             self.router.route(&msg, &mut self.batches);
-            self.counters.samples.fetch_add(samples as u64, Ordering::Relaxed);
+            self.counters
+                .samples
+                .fetch_add(samples as u64, Ordering::Relaxed);
             self.max_event_time = self.max_event_time.max(msg.time);
             self.open_data = true;
             self.batch_started.get_or_insert_with(Instant::now);
@@ -526,7 +542,9 @@ impl<S: Source> Coordinator<S> {
             self.send_all_batches().await?;
         }
         let width = u64::from(cfg.bucket_seconds);
-        let mut watermark = self.max_event_time.saturating_sub(cfg.allowed_lateness_secs);
+        let mut watermark = self
+            .max_event_time
+            .saturating_sub(cfg.allowed_lateness_secs);
         watermark -= watermark % width;
         if cfg.idle_flush_secs > 0
             && self.open_data
@@ -589,7 +607,9 @@ impl<S: Source> Coordinator<S> {
                 Ok(_) => self.acked_tag = Some(tag),
                 // Not acked: the messages come back as redeliveries and are
                 // recognised by their hashes.
-                Err(e) => tracing::warn!(error = %e, "Acknowledgement failed; the broker will redeliver."),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Acknowledgement failed; the broker will redeliver.")
+                }
             }
         }
         self.previous = std::mem::take(&mut self.recent);
@@ -605,7 +625,9 @@ impl<S: Source> Coordinator<S> {
                 self.max_event_time - self.max_event_time % width + width
             }
             _ => {
-                let w = self.max_event_time.saturating_sub(cfg.allowed_lateness_secs);
+                let w = self
+                    .max_event_time
+                    .saturating_sub(cfg.allowed_lateness_secs);
                 w - w % width
             }
         };

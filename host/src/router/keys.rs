@@ -226,7 +226,10 @@ mod tests {
         batch.push_key(2, &config.rollups[2].tags, "lga", "h1", &metric, 60);
         let s = batch.samples()[0];
         let key = SeriesKey::parse(batch.key(&s)).unwrap();
-        assert_eq!(key.values, vec!["1042", "example.com", "_.example.com", "A", "lga"]);
+        assert_eq!(
+            key.values,
+            vec!["1042", "example.com", "_.example.com", "A", "lga"]
+        );
         let tags = key.tags(&config).unwrap();
         assert_eq!(tags["rollup"], "record");
         assert_eq!(tags["record"], "_.example.com");

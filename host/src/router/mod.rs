@@ -119,7 +119,10 @@ impl RouterConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |field: String, reason: String| Err(ConfigError { field, reason });
         if self.shards == 0 || self.shards > 1024 {
-            return err("shards".into(), format!("{} is outside 1..=1024", self.shards));
+            return err(
+                "shards".into(),
+                format!("{} is outside 1..=1024", self.shards),
+            );
         }
         if self.metric.is_empty() || !self.metric.bytes().all(keys::tsdb_char) {
             return err(
@@ -128,7 +131,10 @@ impl RouterConfig {
             );
         }
         if self.rollups.is_empty() || self.rollups.len() > 255 {
-            return err("rollups".into(), "between 1 and 255 rollups are needed".into());
+            return err(
+                "rollups".into(),
+                "between 1 and 255 rollups are needed".into(),
+            );
         }
         for (i, r) in self.rollups.iter().enumerate() {
             if !r.tags.contains(&self.shard_key) {
@@ -142,10 +148,16 @@ impl RouterConfig {
                 );
             }
             if r.name.is_empty() || !r.name.bytes().all(keys::tsdb_char) {
-                return err(format!("rollups[{i}].name"), "must be a valid tag value".into());
+                return err(
+                    format!("rollups[{i}].name"),
+                    "must be a valid tag value".into(),
+                );
             }
             if self.rollups[..i].iter().any(|o| o.name == r.name) {
-                return err(format!("rollups[{i}].name"), format!("`{}` is used twice", r.name));
+                return err(
+                    format!("rollups[{i}].name"),
+                    format!("`{}` is used twice", r.name),
+                );
             }
         }
         Ok(())
@@ -189,7 +201,10 @@ impl Router {
     /// the key does not fit this configuration.
     pub fn shard_of_key(&self, key: &SeriesKey<'_>) -> Option<u32> {
         let rollup = self.config.rollups.get(key.rollup as usize)?;
-        let pos = rollup.tags.iter().position(|t| *t == self.config.shard_key)?;
+        let pos = rollup
+            .tags
+            .iter()
+            .position(|t| *t == self.config.shard_key)?;
         let value = key.values.get(pos)?;
         let h = match self.config.shard_key {
             Tag::Customer => keys::hash_u64(value.parse().ok()?),
@@ -251,10 +266,16 @@ mod tests {
         // Shard assignment must never change between releases: a change
         // would move customers between shards on upgrade, splitting their
         // open buckets. These values pin it.
-        let got: Vec<u32> = [0u64, 1, 42, u64::MAX].iter().map(|&k| jump_hash(k, 10)).collect();
+        let got: Vec<u32> = [0u64, 1, 42, u64::MAX]
+            .iter()
+            .map(|&k| jump_hash(k, 10))
+            .collect();
         // Cross-checked with an independent Python port of the paper's code.
         assert_eq!(got, vec![0, 6, 2, 9]);
-        assert_eq!(jump_hash(keys::hash_u64(1042), 4), jump_hash(keys::hash_u64(1042), 4));
+        assert_eq!(
+            jump_hash(keys::hash_u64(1042), 4),
+            jump_hash(keys::hash_u64(1042), 4)
+        );
     }
 
     proptest! {

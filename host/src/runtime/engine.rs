@@ -12,7 +12,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use wasmtime::{Config, Engine, OptLevel};
 
-
 /// Default cap on one instance's linear memory.
 pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
 /// Default fuel granted to every call, whatever its size.

@@ -22,7 +22,9 @@ pub enum LoadError {
     #[error("the component imports `{0}`: aggregation modules must import nothing")]
     Import(String),
     /// The component does not export the aggregator interface wagg speaks.
-    #[error("the component does not export `{expected}` (world wagg:aggregator/module); it exports: {found}")]
+    #[error(
+        "the component does not export `{expected}` (world wagg:aggregator/module); it exports: {found}"
+    )]
     WrongWorld {
         /// The export wagg looked for.
         expected: &'static str,

@@ -107,7 +107,10 @@ impl ResourceLimiter for Limiter {
             self.denied = Some(desired);
             // An error (not `Ok(false)`) traps at once: the guest's allocator
             // never sees a failed grow it might handle badly.
-            return Err(wasmtime::format_err!("memory limit of {} bytes", self.limit));
+            return Err(wasmtime::format_err!(
+                "memory limit of {} bytes",
+                self.limit
+            ));
         }
         self.current = desired;
         self.peak = self.peak.max(desired);
@@ -231,7 +234,11 @@ impl Instance {
         let mut fuel = 0;
         for start in (0..series.len()).step_by(MAX_BATCH) {
             let end = (start + MAX_BATCH).min(series.len());
-            let (s, t, v) = (&series[start..end], &timestamps[start..end], &values[start..end]);
+            let (s, t, v) = (
+                &series[start..end],
+                &timestamps[start..end],
+                &values[start..end],
+            );
             let n = self.call("put", end - start, |b, st| {
                 b.wagg_aggregator_aggregator().call_put(st, s, t, v)
             })?;
@@ -277,7 +284,10 @@ impl Instance {
     /// # Errors
     ///
     /// Any [`InstanceError`]; the instance is poisoned afterwards.
-    pub fn export_state(&mut self, known: &dyn Fn(u64) -> bool) -> Result<Aggregates, InstanceError> {
+    pub fn export_state(
+        &mut self,
+        known: &dyn Fn(u64) -> bool,
+    ) -> Result<Aggregates, InstanceError> {
         let rows = self.open_rows_bound()?;
         let aggs = self.call("export-state", rows, |b, s| {
             b.wagg_aggregator_aggregator().call_export_state(s)
@@ -300,7 +310,12 @@ impl Instance {
         let result = self.call("merge", state.len(), |b, s| {
             b.wagg_aggregator_aggregator().call_merge(s, state)
         })?;
-        result.map_err(|message| self.poison(InstanceError::Refused { call: "merge", message }))
+        result.map_err(|message| {
+            self.poison(InstanceError::Refused {
+                call: "merge",
+                message,
+            })
+        })
     }
 
     /// The module's own counts plus the host's view of its memory.
@@ -309,7 +324,9 @@ impl Instance {
     ///
     /// Any [`InstanceError`]; the instance is poisoned afterwards.
     pub fn stats(&mut self) -> Result<ModuleStats, InstanceError> {
-        let stats = self.call("stats", 0, |b, s| b.wagg_aggregator_aggregator().call_stats(s))?;
+        let stats = self.call("stats", 0, |b, s| {
+            b.wagg_aggregator_aggregator().call_stats(s)
+        })?;
         let limiter = &self.store.data().limiter;
         Ok(ModuleStats {
             live_series: stats.live_series,
@@ -331,7 +348,9 @@ impl Instance {
     /// module's own count is believed only up to the output cap: a module
     /// that overstates it cannot buy itself an unbounded budget.
     fn open_rows_bound(&mut self) -> Result<usize, InstanceError> {
-        let stats = self.call("stats", 0, |b, s| b.wagg_aggregator_aggregator().call_stats(s))?;
+        let stats = self.call("stats", 0, |b, s| {
+            b.wagg_aggregator_aggregator().call_stats(s)
+        })?;
         Ok(usize::try_from(stats.live_buckets)
             .unwrap_or(usize::MAX)
             .min(self.limits.max_output_rows))

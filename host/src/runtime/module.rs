@@ -6,8 +6,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Linker};
 use wasmtime::Engine;
+use wasmtime::component::{Component, Linker};
 
 use super::bindings::{AGGREGATOR_EXPORT, Aggregates, ModulePre};
 use super::cache::{ArtifactCache, Lookup};
@@ -44,7 +44,9 @@ pub struct LoadedModule {
 
 impl std::fmt::Debug for LoadedModule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedModule").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("LoadedModule")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -139,7 +141,10 @@ impl Runtime {
         if let Some((name, _)) = ty.imports(&self.engine).next() {
             return Err(LoadError::Import(name.to_string()));
         }
-        let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
         if !exports.iter().any(|e| e == AGGREGATOR_EXPORT) {
             return Err(LoadError::WrongWorld {
                 expected: AGGREGATOR_EXPORT,
@@ -226,7 +231,11 @@ impl Runtime {
                 Lookup::Hit(component) => return Ok((component, true)),
                 Lookup::Miss => {}
                 Lookup::Rejected(reason) => {
-                    tracing::warn!(module = id, reason, "Cached compiled module refused; recompiling.");
+                    tracing::warn!(
+                        module = id,
+                        reason,
+                        "Cached compiled module refused; recompiling."
+                    );
                 }
             }
         }
@@ -246,7 +255,9 @@ fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
         return Err(LoadError::Precompiled);
     }
     if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
-        return Err(LoadError::NotWasm("it does not start with the `\\0asm` magic"));
+        return Err(LoadError::NotWasm(
+            "it does not start with the `\\0asm` magic",
+        ));
     }
     // Bytes 4..8 are the version and layer: 1.0 for a core module, 0xd with
     // layer 1 for a component (the binary format of the component model).

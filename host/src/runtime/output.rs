@@ -35,7 +35,10 @@ pub fn check(
     let bad = |reason: String| Err(InstanceError::BadOutput { call, reason });
     let n = aggs.series.len();
     if n > rules.max_rows {
-        return bad(format!("{n} rows, more than the limit of {}", rules.max_rows));
+        return bad(format!(
+            "{n} rows, more than the limit of {}",
+            rules.max_rows
+        ));
     }
     let lens = [
         ("bucket-start", aggs.bucket_start.len()),
@@ -82,13 +85,17 @@ pub fn check(
         }
         let (sum, min, max) = (aggs.sum[i], aggs.min[i], aggs.max[i]);
         if !(sum.is_finite() && min.is_finite() && max.is_finite()) {
-            return bad(format!("row {i}: non-finite value (sum {sum}, min {min}, max {max})"));
+            return bad(format!(
+                "row {i}: non-finite value (sum {sum}, min {min}, max {max})"
+            ));
         }
         if min > max {
             return bad(format!("row {i}: min {min} > max {max}"));
         }
         if !seen.insert((series, bucket)) {
-            return bad(format!("row {i}: series {series} bucket {bucket} returned twice"));
+            return bad(format!(
+                "row {i}: series {series} bucket {bucket} returned twice"
+            ));
         }
     }
     Ok(())
@@ -123,15 +130,61 @@ mod tests {
 
     #[test]
     fn refuses_each_kind_of_bad_output() {
-        let cases: Vec<(Aggregates, &dyn Fn(u64) -> bool, &str)> = vec![
+        type Case<'a> = (Aggregates, &'a dyn Fn(u64) -> bool, &'a str);
+        let cases: Vec<Case> = vec![
             (one_row(7, 60), &|id| id != 7, "unknown series"),
             (one_row(7, 61), &|_| true, "not a multiple"),
             (one_row(7, 120), &|_| true, "not complete"),
-            ({ let mut a = one_row(7, 60); a.count[0] = 0; a }, &|_| true, "count is 0"),
-            ({ let mut a = one_row(7, 60); a.sum[0] = f64::NAN; a }, &|_| true, "non-finite"),
-            ({ let mut a = one_row(7, 60); a.min[0] = 5.0; a }, &|_| true, "min 5 > max"),
-            ({ let mut a = one_row(7, 60); a.max.push(1.0); a }, &|_| true, "column `max` has 2"),
-            ({ let mut a = one_row(7, 60); a.series.push(7); a.bucket_start.push(60); a.count.push(1); a.sum.push(1.0); a.min.push(1.0); a.max.push(1.0); a }, &|_| true, "returned twice"),
+            (
+                {
+                    let mut a = one_row(7, 60);
+                    a.count[0] = 0;
+                    a
+                },
+                &|_| true,
+                "count is 0",
+            ),
+            (
+                {
+                    let mut a = one_row(7, 60);
+                    a.sum[0] = f64::NAN;
+                    a
+                },
+                &|_| true,
+                "non-finite",
+            ),
+            (
+                {
+                    let mut a = one_row(7, 60);
+                    a.min[0] = 5.0;
+                    a
+                },
+                &|_| true,
+                "min 5 > max",
+            ),
+            (
+                {
+                    let mut a = one_row(7, 60);
+                    a.max.push(1.0);
+                    a
+                },
+                &|_| true,
+                "column `max` has 2",
+            ),
+            (
+                {
+                    let mut a = one_row(7, 60);
+                    a.series.push(7);
+                    a.bucket_start.push(60);
+                    a.count.push(1);
+                    a.sum.push(1.0);
+                    a.min.push(1.0);
+                    a.max.push(1.0);
+                    a
+                },
+                &|_| true,
+                "returned twice",
+            ),
         ];
         for (aggs, known, expected) in cases {
             let err = check("flush", &aggs, &RULES, known).expect_err(expected);
@@ -141,7 +194,10 @@ mod tests {
 
     #[test]
     fn refuses_too_many_rows() {
-        let rules = OutputRules { max_rows: 0, ..RULES };
+        let rules = OutputRules {
+            max_rows: 0,
+            ..RULES
+        };
         let err = check("flush", &one_row(7, 60), &rules, &|_| true).unwrap_err();
         assert!(err.to_string().contains("more than the limit"));
     }

@@ -182,7 +182,11 @@ mod tests {
         assert_ne!(got, id);
         assert_eq!(d.key(got), Some(&key[..]));
         assert_eq!(d.intern(key, 60), got, "a collided key keeps its id");
-        assert_eq!(d.forget_before(1), 1, "the colliding entry was last seen at 0");
+        assert_eq!(
+            d.forget_before(1),
+            1,
+            "the colliding entry was last seen at 0"
+        );
         assert_eq!(d.intern(key, 120), got);
     }
 }

@@ -314,7 +314,10 @@ impl Shard {
             self.batch.push(id, s.timestamp, s.value);
         }
         let started = std::time::Instant::now();
-        let instance = self.instance.as_mut().ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
+        let instance = self
+            .instance
+            .as_mut()
+            .ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
         instance.put(&self.batch)?;
         let c = &self.counters;
         c.put_nanos
@@ -326,12 +329,19 @@ impl Shard {
 
     fn flush(&mut self, watermark: u64) -> Result<Vec<Point>, InstanceError> {
         let dict = &self.dict;
-        let instance = self.instance.as_mut().ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
+        let instance = self
+            .instance
+            .as_mut()
+            .ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
         let aggs = instance.flush(watermark, &|id| dict.contains(id))?;
         let stats = instance.stats()?;
         let points = self.points(&aggs)?;
-        self.counters.live_series.store(stats.live_series, Ordering::Relaxed);
-        self.counters.memory_bytes.store(stats.memory_bytes, Ordering::Relaxed);
+        self.counters
+            .live_series
+            .store(stats.live_series, Ordering::Relaxed);
+        self.counters
+            .memory_bytes
+            .store(stats.memory_bytes, Ordering::Relaxed);
         self.forget(watermark);
         Ok(points)
     }
@@ -340,7 +350,8 @@ impl Shard {
     /// `watermark`. Their buckets were flushed, so the module holds none.
     fn forget(&mut self, watermark: u64) {
         let width = u64::from(self.spec.bucket_seconds);
-        let horizon = watermark.saturating_sub(width.saturating_mul(self.spec.forget_after_buckets + 1));
+        let horizon =
+            watermark.saturating_sub(width.saturating_mul(self.spec.forget_after_buckets + 1));
         self.dict.forget_before(horizon - horizon % width);
     }
 
@@ -372,7 +383,10 @@ impl Shard {
 
     fn export(&mut self) -> Result<Vec<StateRow>, InstanceError> {
         let dict = &self.dict;
-        let instance = self.instance.as_mut().ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
+        let instance = self
+            .instance
+            .as_mut()
+            .ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
         let aggs = instance.export_state(&|id| dict.contains(id))?;
         let mut rows = Vec::with_capacity(aggs.len());
         for i in 0..aggs.len() {
@@ -420,11 +434,9 @@ impl Shard {
     /// again, and their output (the same totals) is dropped.
     fn rebuild(&mut self) -> Result<(), InstanceError> {
         self.instance = None;
-        let mut instance = self.runtime.instantiate(
-            &self.module,
-            self.spec.bucket_seconds,
-            &self.spec.options,
-        )?;
+        let mut instance =
+            self.runtime
+                .instantiate(&self.module, self.spec.bucket_seconds, &self.spec.options)?;
         if !self.base.is_empty() {
             let mut aggs = Aggregates::empty();
             for row in &self.base {

@@ -41,6 +41,7 @@ use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_core::Stream;
@@ -90,7 +91,8 @@ pub struct AmqpConfig {
     pub uri: String,
     /// Name of the connection as the broker shows it (`connection_name` client
     /// property: management UI, `rabbitmqctl list_connections`). Give each
-    /// host its own. Default: `wagg`.
+    /// host its own. Dead letters go over a second connection, named with
+    /// ` (dead letters)` appended. Default: `wagg`.
     #[serde(default = "default_connection_name")]
     pub connection_name: String,
     /// Exchange the publishers send to; declared with `exchange_kind`.
@@ -549,7 +551,6 @@ struct Link {
 struct Opened {
     connection: Connection,
     consume: Channel,
-    confirm: Channel,
     consumer: Consumer,
 }
 
@@ -568,10 +569,9 @@ async fn establish(cfg: &AmqpConfig) -> Result<Opened, EstablishError> {
         .await
         .map_err(EstablishError::Connect)?;
     match set_up(&connection, cfg).await {
-        Ok((consume, confirm, consumer)) => Ok(Opened {
+        Ok((consume, consumer)) => Ok(Opened {
             connection,
             consume,
-            confirm,
             consumer,
         }),
         Err(error) => {
@@ -583,11 +583,11 @@ async fn establish(cfg: &AmqpConfig) -> Result<Opened, EstablishError> {
 }
 
 /// Declares the topology, then starts consuming. Returns the consuming
-/// channel, a channel in confirm mode for dead letters, and the consumer.
+/// channel and the consumer.
 async fn set_up(
     connection: &Connection,
     cfg: &AmqpConfig,
-) -> Result<(Channel, Channel, Consumer), SourceError> {
+) -> Result<(Channel, Consumer), SourceError> {
     let channel = connection
         .create_channel()
         .await
@@ -597,14 +597,6 @@ async fn set_up(
         .basic_qos(cfg.prefetch, BasicQosOptions { global: false })
         .await
         .map_err(amqp("basic.qos"))?;
-    let confirm = connection
-        .create_channel()
-        .await
-        .map_err(amqp("channel.open"))?;
-    confirm
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(amqp("confirm.select"))?;
     let consumer = channel
         .basic_consume(
             short(&cfg.queue, "queue")?,
@@ -617,7 +609,44 @@ async fn set_up(
         )
         .await
         .map_err(amqp("basic.consume"))?;
-    Ok((channel, confirm, consumer))
+    Ok((channel, consumer))
+}
+
+/// The connection dead letters are published on.
+///
+/// Not the consuming one: RabbitMQ stops reading from a connection that
+/// publishes during a memory or disk alarm, and the acks of the consumer
+/// would then wait behind the block, just when the queue needs draining.
+#[derive(Debug)]
+struct DeadLetterLink {
+    connection: Connection,
+    /// In confirm mode.
+    channel: Channel,
+}
+
+async fn open_dead_letter_link(shared: &Shared) -> Result<DeadLetterLink, SourceError> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(shared.dead_letter_connection_name.as_str().into())
+        .with_client_property("product".into(), "wagg".into());
+    let connection = Connection::connect(&shared.uri, props)
+        .await
+        .map_err(|source| SourceError::Connect {
+            uri: redact(&shared.uri),
+            attempts: 1,
+            source,
+        })?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(amqp("channel.open"))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(amqp("confirm.select"))?;
+    Ok(DeadLetterLink {
+        connection,
+        channel,
+    })
 }
 
 async fn declare_topology(channel: &Channel, cfg: &AmqpConfig) -> Result<(), SourceError> {
@@ -734,6 +763,10 @@ struct Shared {
     /// Highest tag `next()` returned on the current generation.
     delivered_upto: AtomicU64,
     reconnects: AtomicU64,
+    /// Opened on the first dead letter, reopened when it died.
+    dead_letters: tokio::sync::Mutex<Option<DeadLetterLink>>,
+    uri: String,
+    dead_letter_connection_name: String,
     dead_letter_exchange: ShortString,
     /// Routing key of dead letters (the fanout ignores it; it tells an operator
     /// which queue a dead letter came from).
@@ -745,8 +778,6 @@ struct AckState {
     generation: u64,
     /// The consuming channel; `None` while reconnecting or after `close()`.
     consume: Option<Channel>,
-    /// The channel in confirm mode dead letters are published on.
-    confirm: Option<Channel>,
     /// Every tag up to this one is acked.
     acked_upto: u64,
     /// Tags above `acked_upto` acked one by one (dead letters).
@@ -831,7 +862,7 @@ impl AmqpAcker {
         reason: &str,
     ) -> Result<bool, SourceError> {
         let tag = delivery.tag;
-        let confirm = {
+        {
             let state = self.shared.acks.lock().await;
             if tag.generation < state.generation {
                 debug!(
@@ -845,11 +876,11 @@ impl AmqpAcker {
             if state.is_acked(tag.tag) {
                 return Err(already_acked(tag));
             }
-            match state.confirm.clone() {
-                Some(confirm) => confirm,
-                None => return Ok(false),
+            if state.consume.is_none() {
+                // Reconnecting or closed: it comes back as a redelivery.
+                return Ok(false);
             }
-        };
+        }
 
         let code = truncate_utf8(code, MAX_REASON_CODE_BYTES);
         let mut headers = FieldTable::default();
@@ -864,7 +895,8 @@ impl AmqpAcker {
         let properties = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
             .with_headers(headers);
-        let pending = confirm
+        let channel = self.dead_letter_channel().await?;
+        let pending = channel
             .basic_publish(
                 self.shared.dead_letter_exchange.clone(),
                 self.shared.dead_letter_routing_key.clone(),
@@ -915,6 +947,22 @@ impl AmqpAcker {
             "Dead-lettered a message."
         );
         Ok(true)
+    }
+
+    /// The channel dead letters are published on, (re)opening its connection
+    /// if needed.
+    async fn dead_letter_channel(&self) -> Result<Channel, SourceError> {
+        let mut link = self.shared.dead_letters.lock().await;
+        if let Some(open) = link.as_ref()
+            && open.channel.status().connected()
+        {
+            return Ok(open.channel.clone());
+        }
+        let opened = open_dead_letter_link(&self.shared).await?;
+        let channel = opened.channel.clone();
+        // Replacing the dead one drops (and so closes) it.
+        *link = Some(opened);
+        Ok(channel)
     }
 
     fn check_delivered(&self, state: &AckState, tag: DeliveryTag) -> Result<(), SourceError> {
@@ -1019,12 +1067,14 @@ impl AmqpSource {
             acks: tokio::sync::Mutex::new(AckState {
                 generation: 0,
                 consume: None,
-                confirm: None,
                 acked_upto: 0,
                 acked_singly: BTreeSet::new(),
             }),
             delivered_upto: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            dead_letters: tokio::sync::Mutex::new(None),
+            uri: cfg.uri.clone(),
+            dead_letter_connection_name: format!("{} (dead letters)", cfg.connection_name),
             dead_letter_exchange: short(&cfg.dead_letter_exchange, "dead_letter_exchange")?,
             dead_letter_routing_key: short(&cfg.queue, "queue")?,
         });
@@ -1123,6 +1173,11 @@ impl AmqpSource {
     /// `bad_json`), waits for the publisher confirm (at most
     /// [`DEAD_LETTER_CONFIRM_TIMEOUT`]), then acks the original alone.
     ///
+    /// Dead letters are published over a connection of their own, opened on
+    /// the first one (and reopened if it died): a connection that publishes
+    /// is blocked by the broker during a memory or disk alarm, and the
+    /// consumer's acks must not wait behind that block.
+    ///
     /// Contract: dead-letter a delivery *before* any
     /// [`ack_upto`](Self::ack_upto) covers it. Returns `Ok(false)` without
     /// publishing if the delivery is from an older generation (it comes back as
@@ -1170,10 +1225,14 @@ impl AmqpSource {
     /// connection is gone either way).
     pub async fn close(&mut self) -> Result<(), SourceError> {
         self.closed = true;
+        self.shared.acks.lock().await.consume = None;
+        if let Some(dead_letters) = self.shared.dead_letters.lock().await.take()
+            && dead_letters.connection.status().connected()
         {
-            let mut state = self.shared.acks.lock().await;
-            state.consume = None;
-            state.confirm = None;
+            let close = dead_letters
+                .connection
+                .close(200, "wagg source closed".into());
+            let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
         }
         let Some(link) = self.link.take() else {
             return Ok(());
@@ -1201,7 +1260,6 @@ impl AmqpSource {
         let mut state = self.shared.acks.lock().await;
         state.generation += 1;
         state.consume = Some(opened.consume.clone());
-        state.confirm = Some(opened.confirm);
         state.acked_upto = 0;
         state.acked_singly.clear();
         self.shared.delivered_upto.store(0, Ordering::Release);
@@ -1217,11 +1275,7 @@ impl AmqpSource {
     /// Forgets the current connection, closing it if it is still open (a
     /// channel error leaves the connection up).
     async fn drop_link(&mut self) {
-        {
-            let mut state = self.shared.acks.lock().await;
-            state.consume = None;
-            state.confirm = None;
-        }
+        self.shared.acks.lock().await.consume = None;
         let Some(link) = self.link.take() else {
             return;
         };
@@ -1344,7 +1398,7 @@ impl AmqpPublisher {
     /// [`SourceError::TooLong`] (routing key over 255 bytes), or
     /// [`SourceError::Amqp`].
     pub async fn publish(&self, routing_key: &str, body: &[u8]) -> Result<(), SourceError> {
-        let pending = self.send(routing_key, body).await?;
+        let pending = self.send(short(routing_key, "routing key")?, body).await?;
         check_confirm(pending.await.map_err(amqp("publisher confirm"))?)
     }
 
@@ -1360,18 +1414,27 @@ impl AmqpPublisher {
         &self,
         items: impl IntoIterator<Item = (String, Vec<u8>)>,
     ) -> Result<usize, SourceError> {
-        let mut in_flight = VecDeque::with_capacity(PUBLISH_WINDOW);
+        let mut in_flight: VecDeque<InFlight<'_>> = VecDeque::with_capacity(PUBLISH_WINDOW);
         let mut confirmed = 0;
         for (routing_key, body) in items {
             if in_flight.len() == PUBLISH_WINDOW {
-                let oldest: PublisherConfirm = in_flight.pop_front().expect("window is full");
-                check_confirm(oldest.await.map_err(amqp("publisher confirm"))?)?;
+                let oldest = in_flight.pop_front().expect("the window is full");
+                oldest.confirmed().await?;
                 confirmed += 1;
             }
-            in_flight.push_back(self.send(&routing_key, &body).await?);
+            let routing_key = short(&routing_key, "routing key")?;
+            let mut send: SendFuture<'_> =
+                Box::pin(async move { self.send(routing_key, &body).await });
+            // lapin queues the frames on the first poll; the write itself need
+            // not be waited for here, so poll once and move on.
+            let first = poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await;
+            in_flight.push_back(match first {
+                Poll::Ready(sent) => InFlight::Sent(sent?),
+                Poll::Pending => InFlight::Sending(send),
+            });
         }
         for pending in in_flight {
-            check_confirm(pending.await.map_err(amqp("publisher confirm"))?)?;
+            pending.confirmed().await?;
             confirmed += 1;
         }
         Ok(confirmed)
@@ -1389,12 +1452,16 @@ impl AmqpPublisher {
             .map_err(amqp("connection.close"))
     }
 
-    async fn send(&self, routing_key: &str, body: &[u8]) -> Result<PublisherConfirm, SourceError> {
+    async fn send(
+        &self,
+        routing_key: ShortString,
+        body: &[u8],
+    ) -> Result<PublisherConfirm, SourceError> {
         let delivery_mode = if self.persistent { PERSISTENT } else { 1 };
         self.channel
             .basic_publish(
                 self.exchange.clone(),
-                short(routing_key, "routing key")?,
+                routing_key,
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -1404,6 +1471,26 @@ impl AmqpPublisher {
             )
             .await
             .map_err(amqp("basic.publish"))
+    }
+}
+
+type SendFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<PublisherConfirm, SourceError>> + Send + 'a>>;
+
+/// A message of `publish_many` on its way: being written, or awaiting its
+/// confirm.
+enum InFlight<'a> {
+    Sending(SendFuture<'a>),
+    Sent(PublisherConfirm),
+}
+
+impl InFlight<'_> {
+    async fn confirmed(self) -> Result<(), SourceError> {
+        let pending = match self {
+            Self::Sending(send) => send.await?,
+            Self::Sent(pending) => pending,
+        };
+        check_confirm(pending.await.map_err(amqp("publisher confirm"))?)
     }
 }
 

@@ -145,7 +145,9 @@ impl Generator {
             let record = self.records.sample(&mut self.rng) as u64;
             let rtype = pick_type(self.rng.random_range(0..100));
             // Query counts per interval are heavy-tailed too.
-            let count = (1.0 / (1.0 - self.rng.random::<f64>()).max(1e-6)).floor().min(10_000.0);
+            let count = (1.0 / (1.0 - self.rng.random::<f64>()).max(1e-6))
+                .floor()
+                .min(10_000.0);
             if i > 0 {
                 self.buf.push(b',');
             }
@@ -229,7 +231,7 @@ impl crate::pipeline::Source for GeneratorSource {
         if self.limit.is_some_and(|l| self.next_tag > l) {
             return None;
         }
-        if self.next_tag % 32 == 0 {
+        if self.next_tag.is_multiple_of(32) {
             // Let the pipeline's ticks run. This is the only await, and it
             // comes before the message exists: a `select!` that drops this
             // future loses no counted message.
@@ -254,7 +256,12 @@ impl crate::pipeline::Source for GeneratorSource {
         Ok(true)
     }
 
-    async fn dead_letter(&self, _d: &Delivery, _code: &str, _reason: &str) -> Result<(), SourceError> {
+    async fn dead_letter(
+        &self,
+        _d: &Delivery,
+        _code: &str,
+        _reason: &str,
+    ) -> Result<(), SourceError> {
         Ok(())
     }
 }
@@ -284,7 +291,14 @@ mod tests {
     fn same_seed_same_messages() {
         let mut a = Generator::new(GeneratorConfig::default(), 60).unwrap();
         let mut b = Generator::new(GeneratorConfig::default(), 60).unwrap();
-        let mut c = Generator::new(GeneratorConfig { seed: 2, ..GeneratorConfig::default() }, 60).unwrap();
+        let mut c = Generator::new(
+            GeneratorConfig {
+                seed: 2,
+                ..GeneratorConfig::default()
+            },
+            60,
+        )
+        .unwrap();
         assert_eq!(a.message(1_764_133_200), b.message(1_764_133_200));
         assert_ne!(a.message(1_764_133_200), c.message(1_764_133_200));
     }

@@ -169,7 +169,11 @@ impl Decoder for JsonDecoder {
         if msg.metrics.len() > limits.max_metrics {
             return bad(
                 "metrics".into(),
-                format!("{} metrics, more than {}", msg.metrics.len(), limits.max_metrics),
+                format!(
+                    "{} metrics, more than {}",
+                    msg.metrics.len(),
+                    limits.max_metrics
+                ),
             );
         }
         check_text("pop", &msg.pop, limits.max_field_bytes)?;
@@ -240,7 +244,10 @@ mod tests {
             (&GOOD.replace("\"count\":37", "\"count\":-3"), "bad_field"),
             (&GOOD.replace("1764133200", "1764133200000"), "bad_field"),
             (&GOOD.replace("\"lga\"", "\"\""), "bad_field"),
-            (&GOOD.replace("\"type\":\"A\"", "\"type\":\"A\",\"x\":1"), "bad_json"),
+            (
+                &GOOD.replace("\"type\":\"A\"", "\"type\":\"A\",\"x\":1"),
+                "bad_json",
+            ),
             (&format!("{}{}", GOOD, " ".repeat(400)), "too_large"),
             (&"[".repeat(300), "bad_json"),
         ];

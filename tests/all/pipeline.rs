@@ -1,0 +1,179 @@
+//! The whole pipeline against real services: messages published to
+//! RabbitMQ, aggregated by wagg, read back from VictoriaMetrics through its
+//! query API, compared exactly with totals computed here from what was
+//! published — independently of wagg's router.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use wagg::pipeline::{self, Drain, Parts, PipelineConfig, PipelineCounters};
+use wagg::router::RouterConfig;
+use wagg::runtime::{self, Runtime, RuntimeLimits};
+use wagg::sink::{OpenTsdbConfig, Sink, SinkConfig};
+use wagg::source::amqp::{AmqpPublisher, AmqpSource};
+use wagg::source::generator::{Generator, GeneratorConfig};
+use wagg::source::json::{JsonDecoder, Message};
+use wagg_tests::VictoriaMetrics;
+
+use crate::amqp::{KEY, Names, ready};
+
+const WIDTH: u32 = 60;
+/// Event times in the past: VictoriaMetrics hides nothing, and no wall
+/// clock decides what is late.
+const T0: u64 = 1_764_000_000;
+
+/// (sorted tags, bucket start) → total.
+type Totals = HashMap<(BTreeMap<String, String>, u64), f64>;
+
+/// Totals every rollup should have, computed from the published messages.
+fn expected(bodies: &[Vec<u8>]) -> Totals {
+    let mut totals = Totals::new();
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c.is_ascii_alphanumeric() || "-_./".contains(c) { c } else { '_' })
+            .collect()
+    };
+    for body in bodies {
+        let msg: Message = serde_json::from_slice(body).unwrap();
+        let bucket = msg.time - msg.time % u64::from(WIDTH);
+        for m in &msg.metrics {
+            let c = m.customer.to_string();
+            let rollups: [Vec<(&str, String)>; 3] = [
+                vec![("customer", c.clone()), ("pop", clean(&msg.pop)), ("rollup", "customer".into())],
+                vec![("customer", c.clone()), ("zone", clean(&m.zone)), ("pop", clean(&msg.pop)), ("rollup", "zone".into())],
+                vec![
+                    ("customer", c.clone()),
+                    ("zone", clean(&m.zone)),
+                    ("record", clean(&m.record)),
+                    ("type", clean(&m.rtype)),
+                    ("pop", clean(&msg.pop)),
+                    ("rollup", "record".into()),
+                ],
+            ];
+            for tags in rollups {
+                let tags = tags.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                *totals.entry((tags, bucket)).or_default() += m.count;
+            }
+        }
+    }
+    totals
+}
+
+async fn read_back(vm: &VictoriaMetrics) -> Totals {
+    vm.force_flush().await;
+    let mut got = Totals::new();
+    for series in vm.export("dns.queries").await {
+        for (ts, v) in series.points {
+            let prev = got.insert((series.tags.clone(), ts), v);
+            assert!(prev.is_none(), "point written twice under one key");
+        }
+    }
+    got
+}
+
+fn compare(got: &Totals, want: &Totals) {
+    let missing = want.keys().filter(|k| !got.contains_key(*k)).count();
+    let extra = got.keys().filter(|k| !want.contains_key(*k)).count();
+    let differ: Vec<_> = want
+        .iter()
+        .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
+        .take(5)
+        .collect();
+    assert!(
+        missing == 0 && extra == 0 && differ.is_empty(),
+        "{} points expected, {} read: {missing} missing, {extra} extra, first differing: {differ:?}",
+        want.len(),
+        got.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_totals_arrive_exactly_and_malformed_messages_are_dead_lettered() {
+    wagg_tests::require_rabbitmq();
+    let vm = VictoriaMetrics::start().await;
+    let names = Names::new("pipeline");
+    let _cleanup = names.cleanup(&[]);
+    let amqp = names.config();
+    let source = AmqpSource::connect(amqp.clone()).await.unwrap();
+
+    // A known, skewed set of messages over several buckets, shuffled in
+    // time within a bucket's lateness.
+    let mut generator = Generator::new(
+        GeneratorConfig {
+            customers: 200,
+            metrics_per_message: 50,
+            seed: 7,
+            ..GeneratorConfig::default()
+        },
+        WIDTH,
+    )
+    .unwrap();
+    let bodies: Vec<Vec<u8>> = (0..600u64).map(|i| generator.message(T0 + i / 2 + (i * 7) % 20)).collect();
+    let malformed: Vec<Vec<u8>> = vec![
+        b"not json".to_vec(),
+        br#"{"pop":"lga","host":"h","time":1764000000,"metrics":[{"customer":"x"}]}"#.to_vec(),
+        br#"{"pop":"lga","host":"h","time":1764000000}"#.to_vec(),
+        br#"{"pop":"lga","host":"h","time":1764000000,"metrics":[{"customer":1,"zone":"z","record":"r","type":"A","count":-1}]}"#.to_vec(),
+        vec![b'['; 5000],
+    ];
+    let publisher = AmqpPublisher::connect(&amqp.uri, &amqp.exchange).await.unwrap();
+    let mut all: Vec<(String, Vec<u8>)> = bodies.iter().map(|b| (KEY.to_string(), b.clone())).collect();
+    for (i, bad) in malformed.iter().enumerate() {
+        all.insert(i * 100 + 3, (KEY.to_string(), bad.clone()));
+    }
+    publisher.publish_many(all).await.unwrap();
+
+    let data = tempfile::tempdir().unwrap();
+    let config = PipelineConfig {
+        bucket_seconds: WIDTH,
+        allowed_lateness_secs: 30,
+        idle_flush_secs: 1,
+        checkpoint_interval_ms: 200,
+        data_dir: data.path().to_path_buf(),
+        ..PipelineConfig::default()
+    };
+    let rt = Runtime::new(RuntimeLimits::default(), None).unwrap();
+    let module = rt.load(runtime::builtin("btree").unwrap()).unwrap();
+    let fallback = rt.load(runtime::builtin("hashmap").unwrap()).unwrap();
+    let sink = Sink::from_config(&SinkConfig::OpenTsdb(OpenTsdbConfig::new(vm.opentsdb_url()))).unwrap();
+    let parts = Parts {
+        config,
+        router: Arc::new(RouterConfig {
+            shards: 3,
+            ..RouterConfig::default()
+        }),
+        runtime: rt,
+        module,
+        options: vec![],
+        fallback,
+        decoder: Arc::new(JsonDecoder::default()),
+        sink: Arc::new(sink),
+    };
+    let counters = Arc::new(PipelineCounters::default());
+    let want = expected(&bodies);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(pipeline::run(parts, source, counters.clone(), Drain::Complete, async {
+        let _ = stop_rx.await;
+    }));
+    // Wait until every point is written (the idle flush closes the last
+    // buckets), then stop.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counters.points_written.load(Ordering::Relaxed) < want.len() as u64 {
+        assert!(Instant::now() < deadline, "timed out: {counters:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // One more checkpoint interval, so the acks of the last messages go out.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(()).unwrap();
+    run.await.unwrap().unwrap();
+
+    compare(&read_back(&vm).await, &want);
+    assert_eq!(counters.messages.load(Ordering::Relaxed), (bodies.len() + malformed.len()) as u64);
+    assert_eq!(counters.dead_lettered.load(Ordering::Relaxed), malformed.len() as u64);
+    assert_eq!(counters.late_samples.load(Ordering::Relaxed), 0);
+    assert_eq!(ready(&names.dlq()).await, malformed.len() as u32);
+    // Everything was acknowledged.
+    assert_eq!(ready(&names.queue()).await, 0);
+}
