@@ -30,7 +30,7 @@ fn rows_host(a: &Aggregates) -> Vec<Row> {
             )
         })
         .collect();
-    v.sort_by(|x, y| (x.0, x.1).cmp(&(y.0, y.1)));
+    v.sort_by_key(|r| (r.0, r.1));
     v
 }
 
@@ -39,7 +39,7 @@ fn rows_sdk(a: &wagg_guest::Aggregates) -> Vec<Row> {
         .rows()
         .map(|(s, b, g)| (s, b, g.count, g.sum, g.min, g.max))
         .collect();
-    v.sort_by(|x, y| (x.0, x.1).cmp(&(y.0, y.1)));
+    v.sort_by_key(|r| (r.0, r.1));
     v
 }
 

@@ -20,7 +20,7 @@ use wagg::source::amqp::{
 use wagg_tests::{RABBITMQ_ADDR, require_rabbitmq};
 
 /// Routing key of the test messages (the binding key of direct exchanges).
-const KEY: &str = "metrics";
+pub(crate) const KEY: &str = "metrics";
 /// Longest wait for one delivery.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -29,12 +29,12 @@ fn uri() -> String {
 }
 
 /// Unique names for one test's exchanges and queues.
-struct Names {
+pub(crate) struct Names {
     base: String,
 }
 
 impl Names {
-    fn new(test: &str) -> Self {
+    pub(crate) fn new(test: &str) -> Self {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -46,21 +46,21 @@ impl Names {
         }
     }
 
-    fn exchange(&self) -> String {
+    pub(crate) fn exchange(&self) -> String {
         format!("{}.x", self.base)
     }
-    fn queue(&self) -> String {
+    pub(crate) fn queue(&self) -> String {
         format!("{}.q", self.base)
     }
-    fn dlx(&self) -> String {
+    pub(crate) fn dlx(&self) -> String {
         format!("{}.dlx", self.base)
     }
-    fn dlq(&self) -> String {
+    pub(crate) fn dlq(&self) -> String {
         format!("{}.dlq", self.base)
     }
 
     /// A direct exchange `…x` bound to `…q` with [`KEY`], reconnecting fast.
-    fn config(&self) -> AmqpConfig {
+    pub(crate) fn config(&self) -> AmqpConfig {
         AmqpConfig {
             uri: uri(),
             connection_name: self.base.clone(),
@@ -78,7 +78,7 @@ impl Names {
     }
 
     /// Deletes this test's exchanges and queues (and `extra_queues`) on drop.
-    fn cleanup(&self, extra_queues: &[String]) -> Cleanup {
+    pub(crate) fn cleanup(&self, extra_queues: &[String]) -> Cleanup {
         let mut queues = vec![self.queue(), self.dlq()];
         queues.extend_from_slice(extra_queues);
         Cleanup {
@@ -89,7 +89,7 @@ impl Names {
 }
 
 /// Deletes exchanges and queues when dropped, even while a test unwinds.
-struct Cleanup {
+pub(crate) struct Cleanup {
     queues: Vec<String>,
     exchanges: Vec<String>,
 }
@@ -136,7 +136,7 @@ impl Drop for Cleanup {
 }
 
 /// Messages ready in `queue` (not counting unacked ones).
-async fn ready(queue: &str) -> u32 {
+pub(crate) async fn ready(queue: &str) -> u32 {
     let conn = Connection::connect(&uri(), ConnectionProperties::default())
         .await
         .unwrap();

@@ -32,7 +32,13 @@ fn expected(bodies: &[Vec<u8>]) -> Totals {
     let mut totals = Totals::new();
     let clean = |s: &str| -> String {
         s.chars()
-            .map(|c| if c.is_ascii_alphanumeric() || "-_./".contains(c) { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_./".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect()
     };
     for body in bodies {
@@ -41,8 +47,17 @@ fn expected(bodies: &[Vec<u8>]) -> Totals {
         for m in &msg.metrics {
             let c = m.customer.to_string();
             let rollups: [Vec<(&str, String)>; 3] = [
-                vec![("customer", c.clone()), ("pop", clean(&msg.pop)), ("rollup", "customer".into())],
-                vec![("customer", c.clone()), ("zone", clean(&m.zone)), ("pop", clean(&msg.pop)), ("rollup", "zone".into())],
+                vec![
+                    ("customer", c.clone()),
+                    ("pop", clean(&msg.pop)),
+                    ("rollup", "customer".into()),
+                ],
+                vec![
+                    ("customer", c.clone()),
+                    ("zone", clean(&m.zone)),
+                    ("pop", clean(&msg.pop)),
+                    ("rollup", "zone".into()),
+                ],
                 vec![
                     ("customer", c.clone()),
                     ("zone", clean(&m.zone)),
@@ -110,7 +125,9 @@ async fn published_totals_arrive_exactly_and_malformed_messages_are_dead_lettere
         WIDTH,
     )
     .unwrap();
-    let bodies: Vec<Vec<u8>> = (0..600u64).map(|i| generator.message(T0 + i / 2 + (i * 7) % 20)).collect();
+    let bodies: Vec<Vec<u8>> = (0..600u64)
+        .map(|i| generator.message(T0 + i / 2 + (i * 7) % 20))
+        .collect();
     let malformed: Vec<Vec<u8>> = vec![
         b"not json".to_vec(),
         br#"{"pop":"lga","host":"h","time":1764000000,"metrics":[{"customer":"x"}]}"#.to_vec(),
@@ -118,8 +135,13 @@ async fn published_totals_arrive_exactly_and_malformed_messages_are_dead_lettere
         br#"{"pop":"lga","host":"h","time":1764000000,"metrics":[{"customer":1,"zone":"z","record":"r","type":"A","count":-1}]}"#.to_vec(),
         vec![b'['; 5000],
     ];
-    let publisher = AmqpPublisher::connect(&amqp.uri, &amqp.exchange).await.unwrap();
-    let mut all: Vec<(String, Vec<u8>)> = bodies.iter().map(|b| (KEY.to_string(), b.clone())).collect();
+    let publisher = AmqpPublisher::connect(&amqp.uri, &amqp.exchange)
+        .await
+        .unwrap();
+    let mut all: Vec<(String, Vec<u8>)> = bodies
+        .iter()
+        .map(|b| (KEY.to_string(), b.clone()))
+        .collect();
     for (i, bad) in malformed.iter().enumerate() {
         all.insert(i * 100 + 3, (KEY.to_string(), bad.clone()));
     }
@@ -137,7 +159,10 @@ async fn published_totals_arrive_exactly_and_malformed_messages_are_dead_lettere
     let rt = Runtime::new(RuntimeLimits::default(), None).unwrap();
     let module = rt.load(runtime::builtin("btree").unwrap()).unwrap();
     let fallback = rt.load(runtime::builtin("hashmap").unwrap()).unwrap();
-    let sink = Sink::from_config(&SinkConfig::OpenTsdb(OpenTsdbConfig::new(vm.opentsdb_url()))).unwrap();
+    let sink = Sink::from_config(&SinkConfig::OpenTsdb(OpenTsdbConfig::new(
+        vm.opentsdb_url(),
+    )))
+    .unwrap();
     let parts = Parts {
         config,
         router: Arc::new(RouterConfig {
@@ -154,9 +179,15 @@ async fn published_totals_arrive_exactly_and_malformed_messages_are_dead_lettere
     let counters = Arc::new(PipelineCounters::default());
     let want = expected(&bodies);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let run = tokio::spawn(pipeline::run(parts, source, counters.clone(), Drain::Complete, async {
-        let _ = stop_rx.await;
-    }));
+    let run = tokio::spawn(pipeline::run(
+        parts,
+        source,
+        counters.clone(),
+        Drain::Complete,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     // Wait until every point is written (the idle flush closes the last
     // buckets), then stop.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -170,8 +201,14 @@ async fn published_totals_arrive_exactly_and_malformed_messages_are_dead_lettere
     run.await.unwrap().unwrap();
 
     compare(&read_back(&vm).await, &want);
-    assert_eq!(counters.messages.load(Ordering::Relaxed), (bodies.len() + malformed.len()) as u64);
-    assert_eq!(counters.dead_lettered.load(Ordering::Relaxed), malformed.len() as u64);
+    assert_eq!(
+        counters.messages.load(Ordering::Relaxed),
+        (bodies.len() + malformed.len()) as u64
+    );
+    assert_eq!(
+        counters.dead_lettered.load(Ordering::Relaxed),
+        malformed.len() as u64
+    );
     assert_eq!(counters.late_samples.load(Ordering::Relaxed), 0);
     assert_eq!(ready(&names.dlq()).await, malformed.len() as u32);
     // Everything was acknowledged.
