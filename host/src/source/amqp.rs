@@ -137,10 +137,12 @@ pub struct AmqpConfig {
     #[serde(default = "default_dead_letter")]
     pub dead_letter_queue: String,
     /// Most unacked messages the broker sends this consumer (`basic.qos`).
-    /// wagg acks when its aggregates are flushed, so this bounds what one flush
-    /// interval may hold: too low and the broker stops sending before the
-    /// flush. An AMQP limit caps it at 65 535 (a 16-bit count). Must not be 0
-    /// (which would mean "unlimited"). Default: 1000.
+    /// wagg acks at each checkpoint (`pipeline.checkpoint_interval_ms`), so
+    /// this must cover the messages of one checkpoint interval plus those in
+    /// flight: too low and the broker stops sending between checkpoints. An
+    /// AMQP limit caps it at 65 535 (a 16-bit count). Must not be 0 (which
+    /// would mean "unlimited"). Default: 20 000 (two seconds at 10 000
+    /// messages/s).
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
     /// Declare `exchange` and `queue` durable (they survive a broker restart).
@@ -183,7 +185,7 @@ fn default_dead_letter() -> String {
     "wagg.dead-letter".to_owned()
 }
 fn default_prefetch() -> u16 {
-    1000
+    20_000
 }
 fn default_durable() -> bool {
     true
