@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use wagg::config::{Config, EXAMPLE};
 use wagg::pipeline::{self, Drain, Parts, PipelineCounters};
 use wagg::runtime::{self, LoadedModule, Runtime};
+use wagg::shard::Assignment;
 use wagg::sink::{FileSinkConfig, Point, Sink, SinkConfig};
 use wagg::source::amqp::AmqpSource;
 use wagg::source::generator::{Generator, GeneratorSource};
@@ -254,9 +255,13 @@ fn parts(cfg: &Config, sink: Sink) -> anyhow::Result<Parts> {
         config: cfg.pipeline.clone(),
         router: Arc::new(cfg.router.clone()),
         runtime,
-        module,
-        options: cfg.module_options(),
-        fallback,
+        assignment: Assignment {
+            module,
+            options: cfg.module_options(),
+        },
+        fallback: Assignment::plain(fallback),
+        events: tokio::sync::broadcast::channel(1024).0,
+        control: None,
         decoder: Arc::new(JsonDecoder::new(cfg.decode)),
         sink: Arc::new(sink),
     })

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use wagg::pipeline::{self, Drain, Parts, PipelineConfig, PipelineCounters};
 use wagg::router::RouterConfig;
 use wagg::runtime::{self, Runtime, RuntimeLimits};
+use wagg::shard::Assignment;
 use wagg::sink::{OpenTsdbConfig, Sink, SinkConfig};
 use wagg::source::amqp::{AmqpPublisher, AmqpSource};
 use wagg::source::generator::{Generator, GeneratorConfig};
@@ -170,9 +171,10 @@ async fn published_totals_arrive_exactly_and_malformed_messages_are_dead_lettere
             ..RouterConfig::default()
         }),
         runtime: rt,
-        module,
-        options: vec![],
-        fallback,
+        assignment: Assignment::plain(module),
+        fallback: Assignment::plain(fallback),
+        events: tokio::sync::broadcast::channel(64).0,
+        control: None,
         decoder: Arc::new(JsonDecoder::default()),
         sink: Arc::new(sink),
     };

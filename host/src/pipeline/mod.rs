@@ -35,11 +35,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::router::{KeyBatch, Router, RouterConfig, SeriesKey};
-use crate::runtime::{LoadedModule, Runtime};
-use crate::shard::{Command, Outbox, ShardHandle, ShardSpec, StateRow};
+use crate::runtime::{InstanceError, Runtime};
+use crate::shard::{
+    Assignment, Command, Outbox, ShardEvent, ShardHandle, ShardSpec, ShardStats, StateRow,
+    SwapReport,
+};
 use crate::sink::Sink;
 use crate::source::amqp::{Delivery, DeliveryTag, SourceError};
 use crate::source::json::Decoder;
@@ -127,6 +130,93 @@ impl Source for crate::source::amqp::AmqpSource {
     }
 }
 
+/// A command from the admin side to the running pipeline.
+#[derive(Debug)]
+pub enum ControlCmd {
+    /// Hot-swap one shard to another module, at the next batch boundary.
+    Swap {
+        /// Shard index.
+        shard: u32,
+        /// The module to run.
+        to: Assignment,
+        /// What takes over if it fails twice on the same data.
+        fallback: Assignment,
+        /// The outcome.
+        reply: oneshot::Sender<Result<SwapReport, InstanceError>>,
+    },
+    /// Every shard's stats.
+    Stats {
+        /// The stats, in shard order.
+        reply: oneshot::Sender<Vec<ShardStats>>,
+    },
+}
+
+/// The admin side's handle on a running pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineControl {
+    tx: mpsc::Sender<ControlCmd>,
+    shards: u32,
+}
+
+/// The pipeline is not running (any more).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the pipeline is not running")]
+pub struct NotRunning;
+
+impl PipelineControl {
+    /// A handle for a pipeline of `shards` shards, and the receiver that
+    /// goes into its [`Parts::control`].
+    pub fn new(shards: u32) -> (Self, mpsc::Receiver<ControlCmd>) {
+        let (tx, rx) = mpsc::channel(64);
+        (PipelineControl { tx, shards }, rx)
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    /// Hot-swaps `shard` to `to`; on success the shard runs `to`, on an
+    /// error it keeps its old module.
+    ///
+    /// # Errors
+    ///
+    /// `Err(NotRunning)` if the pipeline stopped; `Ok(Err(_))` if the new
+    /// module failed to take over.
+    pub async fn swap(
+        &self,
+        shard: u32,
+        to: Assignment,
+        fallback: Assignment,
+    ) -> Result<Result<SwapReport, InstanceError>, NotRunning> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(ControlCmd::Swap {
+                shard,
+                to,
+                fallback,
+                reply,
+            })
+            .await
+            .map_err(|_| NotRunning)?;
+        rx.await.map_err(|_| NotRunning)
+    }
+
+    /// Every shard's stats.
+    ///
+    /// # Errors
+    ///
+    /// If the pipeline stopped.
+    pub async fn stats(&self) -> Result<Vec<ShardStats>, NotRunning> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(ControlCmd::Stats { reply })
+            .await
+            .map_err(|_| NotRunning)?;
+        rx.await.map_err(|_| NotRunning)
+    }
+}
+
 /// Why the pipeline stopped with an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -186,12 +276,15 @@ pub struct Parts {
     pub router: Arc<RouterConfig>,
     /// The module runtime.
     pub runtime: Runtime,
-    /// The module every shard runs, and its options.
-    pub module: Arc<LoadedModule>,
-    /// Options for the module's `configure`.
-    pub options: Vec<(String, String)>,
+    /// The module every shard starts with, and its options.
+    pub assignment: Assignment,
     /// The module that takes over a shard whose module keeps failing.
-    pub fallback: Arc<LoadedModule>,
+    pub fallback: Assignment,
+    /// Where shards report module failures and swaps.
+    pub events: broadcast::Sender<ShardEvent>,
+    /// Commands from the admin side (hot swaps, stats); `None` when nothing
+    /// steers this pipeline (the demo).
+    pub control: Option<mpsc::Receiver<ControlCmd>>,
     /// The message decoder.
     pub decoder: Arc<dyn Decoder>,
     /// Where flushed points go.
@@ -292,7 +385,8 @@ pub async fn run<S: Source>(
         counters.clone(),
         stop_sink_rx,
     ));
-    let result = co.main_loop(shutdown).await;
+    let control = co.parts.control.take();
+    let result = co.main_loop(shutdown, control).await;
     let result = match result {
         Ok(()) => co.drain(drain).await,
         Err(e) => Err(e),
@@ -314,6 +408,14 @@ pub async fn run<S: Source>(
         shard.stop();
     }
     result
+}
+
+/// The next command, or never when nothing steers the pipeline.
+async fn recv(control: &mut Option<mpsc::Receiver<ControlCmd>>) -> Option<ControlCmd> {
+    match control {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn start_shards(
@@ -348,9 +450,9 @@ fn start_shards(
         .map(|(i, restore)| {
             let spec = ShardSpec {
                 index: i as u32,
-                module: parts.module.clone(),
-                options: parts.options.clone(),
+                assignment: parts.assignment.clone(),
                 fallback: parts.fallback.clone(),
+                events: parts.events.clone(),
                 bucket_seconds: parts.config.bucket_seconds,
                 forget_after_buckets: parts.config.forget_after_buckets,
                 router: parts.router.clone(),
@@ -424,7 +526,11 @@ async fn sink_loop(
 }
 
 impl<S: Source> Coordinator<S> {
-    async fn main_loop(&mut self, shutdown: impl Future<Output = ()>) -> Result<(), PipelineError> {
+    async fn main_loop(
+        &mut self,
+        shutdown: impl Future<Output = ()>,
+        mut control: Option<mpsc::Receiver<ControlCmd>>,
+    ) -> Result<(), PipelineError> {
         let cfg = self.parts.config.clone();
         let tick_every = Duration::from_millis(cfg.batch_max_delay_ms.clamp(5, 1000));
         let mut tick = tokio::time::interval(tick_every);
@@ -437,6 +543,7 @@ impl<S: Source> Coordinator<S> {
             let backpressure = self.outbox.pending_points() > cfg.max_pending_points;
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
+                Some(cmd) = recv(&mut control) => self.control(cmd).await?,
                 delivery = self.source.next(), if !backpressure && !source_done => {
                     match delivery {
                         Some(d) => self.take(d).await?,
@@ -455,6 +562,63 @@ impl<S: Source> Coordinator<S> {
                 }
             }
         }
+    }
+
+    /// Handles an admin command. A swap goes to its shard behind the
+    /// batches already routed to it, so it happens at a batch boundary; the
+    /// shard answers the requester itself, and meanwhile the other shards
+    /// keep consuming.
+    async fn control(&mut self, cmd: ControlCmd) -> Result<(), PipelineError> {
+        match cmd {
+            ControlCmd::Swap {
+                shard,
+                to,
+                fallback,
+                reply,
+            } => {
+                let Some(i) = self.shards.get(shard as usize).map(|_| shard as usize) else {
+                    let _ = reply.send(Err(InstanceError::Refused {
+                        call: "swap",
+                        message: format!("no shard {shard}"),
+                    }));
+                    return Ok(());
+                };
+                if !self.batches[i].is_empty() {
+                    self.send_batch(i).await?;
+                }
+                self.shards[i]
+                    .send(Command::Swap {
+                        to,
+                        fallback,
+                        reply,
+                    })
+                    .await
+                    .map_err(|_| PipelineError::ShardStopped)?;
+            }
+            ControlCmd::Stats { reply } => {
+                let mut pending = Vec::with_capacity(self.shards.len());
+                for shard in &self.shards {
+                    let (tx, rx) = oneshot::channel();
+                    shard
+                        .send(Command::Stats(tx))
+                        .await
+                        .map_err(|_| PipelineError::ShardStopped)?;
+                    pending.push(rx);
+                }
+                // Collect off the loop: deliveries go on meanwhile.
+                tokio::spawn(async move {
+                    let mut stats = Vec::with_capacity(pending.len());
+                    for rx in pending {
+                        match rx.await {
+                            Ok(s) => stats.push(s),
+                            Err(_) => return,
+                        }
+                    }
+                    let _ = reply.send(stats);
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Handles one delivery.

@@ -57,6 +57,76 @@ pub enum Command {
     Snapshot(oneshot::Sender<Vec<StateRow>>),
     /// Reply with the module's stats.
     Stats(oneshot::Sender<ShardStats>),
+    /// Move the shard's open buckets to another module (a hot swap), between
+    /// two batches.
+    Swap {
+        /// The module to run from now on.
+        to: Assignment,
+        /// What takes over if `to` fails twice on the same data.
+        fallback: Assignment,
+        /// The outcome; on an error the old module keeps running.
+        reply: oneshot::Sender<Result<SwapReport, InstanceError>>,
+    },
+}
+
+/// A module and the options it is configured with.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    /// The module.
+    pub module: Arc<LoadedModule>,
+    /// Options passed to its `configure`.
+    pub options: Vec<(String, String)>,
+}
+
+impl Assignment {
+    /// `module` with no options.
+    pub fn plain(module: Arc<LoadedModule>) -> Self {
+        Assignment {
+            module,
+            options: Vec::new(),
+        }
+    }
+
+    fn same_as(&self, other: &Assignment) -> bool {
+        self.module.id() == other.module.id() && self.options == other.options
+    }
+}
+
+/// What a hot swap did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwapReport {
+    /// Open (series, bucket) rows carried over.
+    pub rows: usize,
+    /// Time the shard stood still: export, instantiate, merge.
+    pub pause: std::time::Duration,
+}
+
+/// Something a shard reports about its module, as it happens.
+#[derive(Debug, Clone)]
+pub enum ShardEvent {
+    /// The module failed; the shard rebuilt its state (with the same module,
+    /// or with the fallback if `fell_back`).
+    ModuleFailed {
+        /// Shard index.
+        shard: u32,
+        /// Id of the module that failed.
+        module: String,
+        /// [`InstanceError::kind`].
+        kind: &'static str,
+        /// The error.
+        error: String,
+        /// Whether the fallback module took over.
+        fell_back: bool,
+    },
+    /// A hot swap finished.
+    Swapped {
+        /// Shard index.
+        shard: u32,
+        /// Module running now.
+        module: String,
+        /// Its report.
+        report: SwapReport,
+    },
 }
 
 /// How a shard's module is configured.
@@ -64,18 +134,19 @@ pub enum Command {
 pub struct ShardSpec {
     /// Shard index.
     pub index: u32,
-    /// The module to run.
-    pub module: Arc<LoadedModule>,
-    /// Options passed to the module's `configure`.
-    pub options: Vec<(String, String)>,
-    /// Module that takes over when `module` fails twice on the same data.
-    pub fallback: Arc<LoadedModule>,
+    /// The module to run first.
+    pub assignment: Assignment,
+    /// Module that takes over when the running one fails twice on the same
+    /// data (a hot swap sets a new one).
+    pub fallback: Assignment,
     /// Bucket width, seconds.
     pub bucket_seconds: u32,
     /// Buckets without a sample after which a series is forgotten.
     pub forget_after_buckets: u64,
     /// Router configuration, to turn keys back into tags.
     pub router: Arc<RouterConfig>,
+    /// Where module failures and swaps are reported.
+    pub events: tokio::sync::broadcast::Sender<ShardEvent>,
 }
 
 /// A snapshot of a shard's figures.
@@ -85,6 +156,8 @@ pub struct ShardStats {
     pub shard: u32,
     /// Module id (SHA-256) now running.
     pub module: String,
+    /// Options it runs with.
+    pub options: Vec<(String, String)>,
     /// The module's stats.
     #[serde(skip)]
     pub module_stats: ModuleStats,
@@ -142,7 +215,7 @@ impl ShardHandle {
         let counters = Arc::new(ShardCounters::default());
         let mut shard = Shard {
             instance: None,
-            module: spec.module.clone(),
+            current: spec.assignment.clone(),
             dict: Dictionary::new(),
             batch: Batch::with_capacity(1024),
             base: restore,
@@ -206,8 +279,8 @@ struct Shard {
     outbox: Arc<Outbox>,
     counters: Arc<ShardCounters>,
     instance: Option<Instance>,
-    /// The module now running (the spec's, or the fallback after failures).
-    module: Arc<LoadedModule>,
+    /// The module now running (assigned, or the fallback after failures).
+    current: Assignment,
     dict: Dictionary,
     batch: Batch,
     /// Open buckets at the last snapshot.
@@ -233,6 +306,18 @@ const REBUILDS_BEFORE_FALLBACK: u32 = 1;
 impl Shard {
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         while let Some(cmd) = rx.blocking_recv() {
+            let cmd = match cmd {
+                Command::Swap {
+                    to,
+                    fallback,
+                    reply,
+                } => {
+                    let result = self.swap(to, fallback);
+                    let _ = reply.send(result);
+                    continue;
+                }
+                cmd => cmd,
+            };
             let mut failures = 0;
             let outcome = loop {
                 match self.execute(&cmd) {
@@ -268,6 +353,7 @@ impl Shard {
             Command::Flush(watermark) => self.flush(*watermark).map(Outcome::Flushed),
             Command::Snapshot(_) => self.export().map(Outcome::Rows),
             Command::Stats(_) => self.instance()?.stats().map(Outcome::Stats),
+            Command::Swap { .. } => unreachable!("swaps are handled in `run`"),
         }
     }
 
@@ -289,7 +375,8 @@ impl Shard {
             (Command::Stats(reply), Outcome::Stats(module_stats)) => {
                 let _ = reply.send(ShardStats {
                     shard: self.spec.index,
-                    module: self.module.id().to_string(),
+                    module: self.current.module.id().to_string(),
+                    options: self.current.options.clone(),
                     module_stats,
                     dictionary_series: self.dict.len(),
                     dictionary_bytes: self.dict.bytes(),
@@ -403,29 +490,89 @@ impl Shard {
         Ok(rows)
     }
 
-    /// Replaces a failed instance: the configured module again on the first
+    /// Replaces a failed instance: the running module again on the first
     /// failure of a command, the fallback after that.
     fn recover(&mut self, err: &InstanceError, failures: u32) -> Result<(), InstanceError> {
-        if failures > REBUILDS_BEFORE_FALLBACK && !Arc::ptr_eq(&self.module, &self.spec.fallback) {
+        let failed = self.current.module.id().to_string();
+        let fall_back =
+            failures > REBUILDS_BEFORE_FALLBACK && !self.current.same_as(&self.spec.fallback);
+        if fall_back {
             tracing::warn!(
                 shard = self.spec.index,
-                module = self.module.id(),
+                module = %failed,
                 error = %err,
                 "Module failed again on the same data; the fallback module takes over this shard."
             );
-            self.module = self.spec.fallback.clone();
+            self.current = self.spec.fallback.clone();
         } else if failures > REBUILDS_BEFORE_FALLBACK + 1 {
             return Err(err.clone());
         } else {
             tracing::warn!(
                 shard = self.spec.index,
-                module = self.module.id(),
+                module = %failed,
                 kind = err.kind(),
                 error = %err,
                 "Module failed; rebuilding its state from the last snapshot."
             );
         }
+        let _ = self.spec.events.send(ShardEvent::ModuleFailed {
+            shard: self.spec.index,
+            module: failed,
+            kind: err.kind(),
+            error: err.to_string(),
+            fell_back: fall_back,
+        });
         self.rebuild()
+    }
+
+    /// Hot swap: the running module exports its open buckets, a new instance
+    /// of `to` merges them, and only then replaces the old one. If anything
+    /// fails on the new side, the old instance keeps running untouched; if
+    /// the old module fails to export, it is rebuilt from the last snapshot
+    /// and the log (as after any failure) and the new module merges that.
+    fn swap(&mut self, to: Assignment, fallback: Assignment) -> Result<SwapReport, InstanceError> {
+        let started = std::time::Instant::now();
+        let state = match self.export_ids() {
+            Ok(state) => state,
+            Err(err) => {
+                self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                self.recover(&err, 1)?;
+                self.export_ids()?
+            }
+        };
+        let mut next =
+            self.runtime
+                .instantiate(&to.module, self.spec.bucket_seconds, &to.options)?;
+        next.merge(&state)?;
+        self.instance = Some(next);
+        self.current = to;
+        self.spec.fallback = fallback;
+        let report = SwapReport {
+            rows: state.len(),
+            pause: started.elapsed(),
+        };
+        tracing::info!(
+            shard = self.spec.index,
+            module = self.current.module.id(),
+            rows = report.rows,
+            pause_us = report.pause.as_micros() as u64,
+            "Shard swapped modules."
+        );
+        let _ = self.spec.events.send(ShardEvent::Swapped {
+            shard: self.spec.index,
+            module: self.current.module.id().to_string(),
+            report,
+        });
+        Ok(report)
+    }
+
+    fn export_ids(&mut self) -> Result<Aggregates, InstanceError> {
+        let dict = &self.dict;
+        let instance = self
+            .instance
+            .as_mut()
+            .ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
+        instance.export_state(&|id| dict.contains(id))
     }
 
     /// A fresh instance holding the state the failed one should have had:
@@ -434,9 +581,11 @@ impl Shard {
     /// again, and their output (the same totals) is dropped.
     fn rebuild(&mut self) -> Result<(), InstanceError> {
         self.instance = None;
-        let mut instance =
-            self.runtime
-                .instantiate(&self.module, self.spec.bucket_seconds, &self.spec.options)?;
+        let mut instance = self.runtime.instantiate(
+            &self.current.module,
+            self.spec.bucket_seconds,
+            &self.current.options,
+        )?;
         if !self.base.is_empty() {
             let mut aggs = Aggregates::empty();
             for row in &self.base {
