@@ -255,10 +255,7 @@ fn parts(cfg: &Config, sink: Sink) -> anyhow::Result<Parts> {
         config: cfg.pipeline.clone(),
         router: Arc::new(cfg.router.clone()),
         runtime,
-        assignment: Assignment {
-            module,
-            options: cfg.module_options(),
-        },
+        assignment: Assignment::new(module, cfg.module_options(), &cfg.module.strategy),
         fallback: Assignment::plain(fallback),
         events: tokio::sync::broadcast::channel(1024).0,
         control: None,

@@ -76,14 +76,27 @@ pub struct Assignment {
     pub module: Arc<LoadedModule>,
     /// Options passed to its `configure`.
     pub options: Vec<(String, String)>,
+    /// How logs and metrics name the module (`name@version`).
+    pub label: Arc<str>,
 }
 
 impl Assignment {
-    /// `module` with no options.
+    /// `module` with no options, labelled by the start of its id.
     pub fn plain(module: Arc<LoadedModule>) -> Self {
+        let label = Arc::from(&module.id()[..12]);
         Assignment {
             module,
             options: Vec::new(),
+            label,
+        }
+    }
+
+    /// `module` with `options`, labelled `label`.
+    pub fn new(module: Arc<LoadedModule>, options: Vec<(String, String)>, label: &str) -> Self {
+        Assignment {
+            module,
+            options,
+            label: Arc::from(label),
         }
     }
 
