@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::admin::AdminConfig;
 use crate::pipeline::PipelineConfig;
 use crate::router::RouterConfig;
 use crate::runtime::RuntimeLimits;
@@ -39,6 +40,8 @@ pub struct Config {
     pub sink: SinkConfig,
     /// `[generator]`: the traffic `wagg demo` generates.
     pub generator: GeneratorConfig,
+    /// `[admin]`: the admin API and the rollout circuit breaker.
+    pub admin: AdminConfig,
 }
 
 impl Default for Config {
@@ -54,6 +57,7 @@ impl Default for Config {
                 path: PathBuf::from("wagg-points.jsonl"),
             }),
             generator: GeneratorConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -62,8 +66,10 @@ impl Default for Config {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModuleConfig {
-    /// A built-in strategy (`hashmap`, `btree`, `sorted`, `leaky`) or the
-    /// path of a `.wasm` component.
+    /// The incumbent strategy at first start: a built-in (`hashmap`,
+    /// `btree`, `sorted`, `leaky`), a module in the registry (`name@version`
+    /// or id), or the path of a `.wasm` component. Once a rollout has been
+    /// saved (`<data_dir>/rollout.json`), its incumbent wins.
     pub strategy: String,
     /// Options passed to the module's `configure`.
     pub options: BTreeMap<String, String>,

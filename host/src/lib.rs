@@ -14,6 +14,7 @@
 //! - [`sink`]: where flushed aggregates go: an OpenTSDB-compatible HTTP API
 //!   (batched, gzipped, retried) or a JSON-lines file.
 
+pub mod admin;
 pub mod config;
 pub mod pipeline;
 pub mod router;

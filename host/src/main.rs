@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+use wagg::admin::Registry;
+use wagg::admin::controller::{self, Controller};
 use wagg::config::{Config, EXAMPLE};
-use wagg::pipeline::{self, Drain, Parts, PipelineCounters};
+use wagg::pipeline::{self, Drain, Parts, PipelineControl, PipelineCounters};
 use wagg::runtime::{self, LoadedModule, Runtime};
 use wagg::shard::Assignment;
 use wagg::sink::{FileSinkConfig, Point, Sink, SinkConfig};
@@ -287,15 +289,108 @@ async fn shutdown_signal() {
 }
 
 async fn run_pipeline(cfg: Config) -> anyhow::Result<()> {
+    let data_dir = cfg.pipeline.data_dir.clone();
     let sink = Sink::from_config(&cfg.sink).context("cannot set up the sink")?;
-    let parts = parts(&cfg, sink)?;
+    let runtime = Runtime::new(cfg.runtime.clone(), Some(&data_dir.join("compiled")))?;
+    let (registry, incumbent, fallback) = {
+        let runtime = runtime.clone();
+        let strategy = cfg.module.strategy.clone();
+        let options = cfg.module_options();
+        let data_dir = data_dir.clone();
+        tokio::task::spawn_blocking(move || open_registry(&data_dir, runtime, &strategy, options))
+            .await??
+    };
+    let (control, control_rx) = PipelineControl::new(cfg.router.shards);
+    let events = tokio::sync::broadcast::channel(1024).0;
+    let events_rx = events.subscribe();
+    let parts = Parts {
+        config: cfg.pipeline.clone(),
+        router: Arc::new(cfg.router.clone()),
+        runtime,
+        assignment: incumbent.clone(),
+        fallback,
+        events,
+        control: Some(control_rx),
+        decoder: Arc::new(JsonDecoder::new(cfg.decode)),
+        sink: Arc::new(sink),
+    };
     let source = AmqpSource::connect(cfg.source.amqp.clone())
         .await
         .context("cannot connect to RabbitMQ")?;
-    tracing::info!(shards = cfg.router.shards, strategy = %cfg.module.strategy, "Pipeline running.");
+    tracing::info!(shards = cfg.router.shards, incumbent = %incumbent.label, "Pipeline running.");
     let counters = Arc::new(PipelineCounters::default());
-    pipeline::run(parts, source, counters, Drain::Complete, shutdown_signal()).await?;
+    let pipeline = tokio::spawn(pipeline::run(
+        parts,
+        source,
+        counters,
+        Drain::Complete,
+        shutdown_signal(),
+    ));
+    let controller = Controller::start(
+        registry,
+        incumbent.module.id(),
+        control,
+        events_rx,
+        cfg.admin.clone(),
+        &data_dir,
+    )
+    .await
+    .context("cannot apply the saved rollout")?;
+    let result = pipeline.await.context("the pipeline task failed")?;
+    drop(controller);
+    result?;
     Ok(())
+}
+
+/// Opens the module registry and picks the incumbent: the saved rollout's,
+/// else the configured strategy (registered first if it is a file).
+fn open_registry(
+    data_dir: &Path,
+    runtime: Runtime,
+    strategy: &str,
+    options: Vec<(String, String)>,
+) -> anyhow::Result<(Registry, Assignment, Assignment)> {
+    let mut registry =
+        Registry::open(data_dir, runtime).context("cannot open the module registry")?;
+    let strategy = if registry.resolve(strategy).is_some() {
+        strategy.to_string()
+    } else {
+        let bytes = std::fs::read(strategy).with_context(|| {
+            format!(
+                "`{strategy}` is neither a built-in ({}), a registered module, nor a readable file",
+                runtime::builtin_names().join(", ")
+            )
+        })?;
+        let name = Path::new(strategy)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("module")
+            .replace(
+                |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '_',
+                "_",
+            );
+        let version = format!("file-{}", &wagg::runtime::content_id(&bytes)[..8]);
+        match registry.resolve(&format!("{name}@{version}")) {
+            Some(r) => r.label(),
+            None => registry
+                .add(&bytes, &name, &version, options.clone())?
+                .label(),
+        }
+    };
+    let mut incumbent = controller::starting_incumbent(data_dir, &registry, &strategy)?;
+    if registry
+        .get(incumbent.module.id())
+        .is_some_and(|r| r.builtin)
+        && !options.is_empty()
+    {
+        // Options in [module.options] apply to a built-in incumbent.
+        incumbent.options = options;
+    }
+    let fallback = registry
+        .resolve("hashmap@builtin")
+        .and_then(|r| registry.assignment(&r.id))
+        .context("the built-in hashmap is missing")?;
+    Ok((registry, incumbent, fallback))
 }
 
 async fn demo(mut cfg: Config, duration: Option<Duration>, out: PathBuf) -> anyhow::Result<()> {

@@ -33,3 +33,9 @@ pub fn builtin(name: &str) -> Option<&'static [u8]> {
 pub fn builtin_names() -> Vec<&'static str> {
     wagg_artifacts::BUILTINS.iter().map(|g| g.name).collect()
 }
+
+/// A module's id: the SHA-256 of its bytes, hex.
+pub fn content_id(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}

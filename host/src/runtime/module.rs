@@ -132,7 +132,7 @@ impl Runtime {
     /// A [`LoadError`] naming the reason.
     pub fn load(&self, bytes: &[u8]) -> Result<Arc<LoadedModule>, LoadError> {
         check_header(bytes)?;
-        let id = hex::encode(Sha256::digest(bytes));
+        let id = super::content_id(bytes);
         let started = Instant::now();
         let (component, from_cache) = self.compile_cached(&id, bytes)?;
         let compile_time = started.elapsed();

@@ -64,6 +64,32 @@ impl Default for GeneratorConfig {
 const TYPES: [&str; 6] = ["A", "AAAA", "CNAME", "MX", "TXT", "NS"];
 const TYPE_WEIGHTS: [u32; 6] = [55, 25, 8, 5, 5, 2];
 
+/// Series churn: the record name space rotates over event time, so that
+/// series appear and disappear (and the host's forgetting is exercised).
+///
+/// Event time is cut into periods of `period_secs` from the generator's
+/// `start_time`. Each record slot (customer, zone, record index) has a fixed
+/// phase `u` in `[0, 1)` drawn from the seed, and in period `e` its name
+/// carries the generation `floor(e · fraction + u)`. Between two periods the
+/// generation moves on for exactly the slots whose phase crosses an integer:
+/// a share `fraction` of them. Their old series stop, new ones start; the
+/// customer and zone totals are unaffected.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Churn {
+    /// Share of records renamed per period, in `[0, 1]`.
+    pub fraction: f64,
+    /// Length of a period, seconds of event time.
+    pub period_secs: u64,
+}
+
+impl Churn {
+    /// The generation of a record slot with phase `u` at event time `time`.
+    fn generation(&self, start: u64, time: u64, u: f64) -> u64 {
+        let period = time.saturating_sub(start) / self.period_secs.max(1);
+        (period as f64 * self.fraction.clamp(0.0, 1.0) + u) as u64
+    }
+}
+
 /// What a generator produced, for checking a run.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Totals {
@@ -90,6 +116,7 @@ pub struct Generator {
     bucket_seconds: u64,
     totals: Arc<Mutex<Totals>>,
     buf: Vec<u8>,
+    churn: Option<Churn>,
 }
 
 impl Generator {
@@ -116,8 +143,22 @@ impl Generator {
             bucket_seconds: u64::from(bucket_seconds.max(1)),
             totals: Arc::default(),
             buf: Vec::with_capacity(16 << 10),
+            churn: None,
             config,
         })
+    }
+
+    /// The same generator with series churn (see [`Churn`]). A `fraction`
+    /// of 0 changes nothing: the messages are those without churn.
+    #[must_use]
+    pub fn with_churn(mut self, churn: Churn) -> Self {
+        self.churn = (churn.fraction > 0.0).then_some(churn);
+        self
+    }
+
+    /// The shape of the traffic.
+    pub fn config(&self) -> &GeneratorConfig {
+        &self.config
     }
 
     /// The totals so far, shared: they keep updating while the generator
@@ -151,10 +192,21 @@ impl Generator {
             if i > 0 {
                 self.buf.push(b',');
             }
-            let _ = write!(
-                self.buf,
-                r#"{{"customer":{customer},"zone":"z{zone}.c{customer}.example","record":"r{record}.z{zone}.c{customer}.example","type":"{rtype}","count":{count}}}"#
-            );
+            let generation = self.churn.map_or(0, |churn| {
+                let phase = slot_phase(self.config.seed, customer, zone, record);
+                churn.generation(self.config.start_time, time, phase)
+            });
+            if generation == 0 {
+                let _ = write!(
+                    self.buf,
+                    r#"{{"customer":{customer},"zone":"z{zone}.c{customer}.example","record":"r{record}.z{zone}.c{customer}.example","type":"{rtype}","count":{count}}}"#
+                );
+            } else {
+                let _ = write!(
+                    self.buf,
+                    r#"{{"customer":{customer},"zone":"z{zone}.c{customer}.example","record":"r{record}-g{generation}.z{zone}.c{customer}.example","type":"{rtype}","count":{count}}}"#
+                );
+            }
             per_customer.push((customer, count));
             sum += count;
         }
@@ -171,6 +223,17 @@ impl Generator {
         }
         self.buf.clone()
     }
+}
+
+/// A record slot's churn phase in `[0, 1)`: fixed per seed and slot, spread
+/// evenly, independent of the message stream's random numbers (so churn
+/// leaves every other choice of the generator as it was).
+fn slot_phase(seed: u64, customer: u64, zone: u64, record: u64) -> f64 {
+    let mut bytes = [0u8; 32];
+    for (i, v) in [seed, customer, zone, record].into_iter().enumerate() {
+        bytes[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    (xxhash_rust::xxh3::xxh3_64(&bytes) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn pick_type(mut roll: u32) -> &'static str {
@@ -301,5 +364,43 @@ mod tests {
         .unwrap();
         assert_eq!(a.message(1_764_133_200), b.message(1_764_133_200));
         assert_ne!(a.message(1_764_133_200), c.message(1_764_133_200));
+    }
+
+    #[test]
+    fn churn_renames_about_its_fraction_of_records_per_period() {
+        let churn = Churn {
+            fraction: 0.25,
+            period_secs: 60,
+        };
+        let slots = 20_000u64;
+        let renamed = |from: u64, to: u64| {
+            (0..slots)
+                .filter(|&r| {
+                    let u = slot_phase(1, r % 100, r / 100, r);
+                    churn.generation(0, from, u) != churn.generation(0, to, u)
+                })
+                .count() as f64
+                / slots as f64
+        };
+        assert_eq!(renamed(0, 59), 0.0);
+        for period in 0..5 {
+            let share = renamed(period * 60, period * 60 + 60);
+            assert!((share - 0.25).abs() < 0.02, "period {period}: {share}");
+        }
+        // Without churn (or with a fraction of 0) the messages are unchanged.
+        let plain = |g: Generator| {
+            let mut g = g;
+            g.message(1_764_133_200 + 3600)
+        };
+        let cfg = GeneratorConfig::default();
+        assert_eq!(
+            plain(Generator::new(cfg.clone(), 60).unwrap()),
+            plain(Generator::new(cfg.clone(), 60).unwrap().with_churn(Churn {
+                fraction: 0.0,
+                period_secs: 60
+            }))
+        );
+        let churned = plain(Generator::new(cfg, 60).unwrap().with_churn(churn));
+        assert!(String::from_utf8(churned).unwrap().contains("-g"));
     }
 }
