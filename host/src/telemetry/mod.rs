@@ -71,7 +71,8 @@
 
 pub mod events;
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -146,6 +147,8 @@ pub struct Metrics {
     swap_failures: IntCounterVec,
     module_rollbacks: IntCounterVec,
     module_state: IntGaugeVec,
+    /// The state line each module has in `module_state`.
+    module_states: Mutex<BTreeMap<String, &'static str>>,
     rollout_weight: IntGauge,
 
     // Sink.
@@ -405,6 +408,7 @@ impl Metrics {
                 "1 for each module and its rollout state (incumbent, candidate, rolled_back).",
                 &["module", "state"],
             ),
+            module_states: Mutex::new(BTreeMap::new()),
             rollout_weight: gauge(
                 &r,
                 "wagg_rollout_weight_percent",
@@ -468,10 +472,10 @@ impl Metrics {
 
     /// Sets the rollout: `weight` percent of shards (capped at 100) on
     /// `candidate`, the rest on `incumbent`. `wagg_rollout_weight_percent`
-    /// shows the weight, `wagg_module_state` a 1 for the incumbent
-    /// (`state="incumbent"`) and the candidate (`state="candidate"`);
-    /// modules rolled back earlier keep their `rolled_back` line until the
-    /// next rollout names them.
+    /// shows the weight (0 without a candidate), `wagg_module_state` a 1 for
+    /// the incumbent (`state="incumbent"`) and the candidate
+    /// (`state="candidate"`); a module rolled back earlier keeps its
+    /// `state="rolled_back"` line until a rollout names it again.
     pub fn set_rollout(&self, weight: u8, candidate: Option<&str>, incumbent: &str) {
         let weight = if candidate.is_some() {
             weight.min(100)
@@ -479,65 +483,47 @@ impl Metrics {
             0
         };
         self.rollout_weight.set(i64::from(weight));
-        self.module_state.reset_named(&[incumbent]);
-        if let Some(c) = candidate {
-            self.module_state.reset_named(&[c]);
-        }
-        let states = [
-            ("incumbent", Some(incumbent)),
-            ("candidate", candidate),
-        ];
-        for (state, module) in states {
-            self.module_state.clear_state(state);
+        let mut states = self.lock_states();
+        states.retain(|module, state| {
+            let keep = *state == ROLLED_BACK
+                && module.as_str() != incumbent
+                && Some(module.as_str()) != candidate;
+            if !keep {
+                let _ = self.module_state.remove_label_values(&[module.as_str(), *state]);
+            }
+            keep
+        });
+        for (module, state) in [(Some(incumbent), "incumbent"), (candidate, "candidate")] {
             if let Some(module) = module {
-                self.module_state
-                    .with_label_values(&[module, state])
-                    .set(1);
-            }
-        }
-    }
-}
-
-/// Removing every line of one module or one state from
-/// `wagg_module_state`.
-trait StateLines {
-    /// Removes every state line of these modules.
-    fn reset_named(&self, modules: &[&str]);
-    /// Removes every module's line with this state.
-    fn clear_state(&self, state: &str);
-}
-
-const STATES: [&str; 3] = ["incumbent", "candidate", "rolled_back"];
-
-impl StateLines for IntGaugeVec {
-    fn reset_named(&self, modules: &[&str]) {
-        for module in modules {
-            for state in STATES {
-                let _ = self.remove_label_values(&[*module, state]);
+                self.module_state.with_label_values(&[module, state]).set(1);
+                states.insert(module.to_owned(), state);
             }
         }
     }
 
-    fn clear_state(&self, state: &str) {
-        // The vector cannot be searched by one label; walk what it holds.
-        for family in self.collect() {
-            for metric in family.get_metric() {
-                let labels = metric.get_label();
-                let get = |name: &str| {
-                    labels
-                        .iter()
-                        .find(|l| l.name() == name)
-                        .map(|l| l.value().to_owned())
-                };
-                if get("state").as_deref() == Some(state)
-                    && let Some(module) = get("module")
-                {
-                    let _ = self.remove_label_values(&[module.as_str(), state]);
-                }
-            }
+    /// Marks `module` rolled back in `wagg_module_state` (replacing its
+    /// other state line).
+    fn set_rolled_back(&self, module: &str) {
+        let mut states = self.lock_states();
+        if let Some(old) = states.insert(module.to_owned(), ROLLED_BACK) {
+            let _ = self.module_state.remove_label_values(&[module, old]);
         }
+        self.module_state
+            .with_label_values(&[module, ROLLED_BACK])
+            .set(1);
+    }
+
+    fn lock_states(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, &'static str>> {
+        // The map only mirrors label sets; a panic while it was held
+        // cannot leave it worse than stale.
+        self.module_states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
+
+/// `wagg_module_state`'s state of a module rolled back.
+const ROLLED_BACK: &str = "rolled_back";
 
 /// A shard index as a label value.
 fn shard_label(shard: u32) -> String {
