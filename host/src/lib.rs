@@ -13,6 +13,10 @@
 //!   module cache.
 //! - [`sink`]: where flushed aggregates go: an OpenTSDB-compatible HTTP API
 //!   (batched, gzipped, retried) or a JSON-lines file.
+//! - [`traffic`]: production traffic reproduced: `wagg loadgen`, `record`,
+//!   `replay` and the offline module `bench`.
+//! - [`telemetry`]: every Prometheus metric (`/metrics`) and the typed
+//!   events that write each metric together with its log line.
 
 pub mod admin;
 pub mod config;
@@ -22,3 +26,5 @@ pub mod runtime;
 pub mod shard;
 pub mod sink;
 pub mod source;
+pub mod telemetry;
+pub mod traffic;

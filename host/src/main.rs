@@ -9,7 +9,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 use wagg::admin::Registry;
+use wagg::admin::client::{self as admin_client, AdminClient};
 use wagg::admin::controller::{self, Controller};
+use wagg::admin::http::{self as admin_http, AdminState};
 use wagg::config::{Config, EXAMPLE};
 use wagg::pipeline::{self, Drain, Parts, PipelineControl, PipelineCounters};
 use wagg::runtime::{self, LoadedModule, Runtime};
@@ -73,6 +75,40 @@ enum Command {
     /// Aggregation modules.
     #[command(subcommand)]
     Module(ModuleCommand),
+    /// Show the rollout of a running host, or set it: CANDIDATE on
+    /// `--weight` percent of the shards (whole shards, hot-swapped).
+    Rollout {
+        /// The candidate: `name@version`, an id or id prefix.
+        #[arg(requires = "weight")]
+        candidate: Option<String>,
+        /// Share of shards on the candidate, percent (0 keeps it on none).
+        #[arg(long, requires = "candidate", value_parser = clap::value_parser!(u8).range(0..=100))]
+        weight: Option<u8>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Make the candidate the incumbent on every shard of a running host.
+    Promote {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Take the candidate off every shard of a running host.
+    Rollback {
+        /// Why, recorded with the module (shown by `wagg module list`).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Publish generated traffic (Zipf-skewed, seedable, rate-held) to
+    /// RabbitMQ and print the totals a sink should end up with.
+    Loadgen(wagg::traffic::LoadgenArgs),
+    /// Copy live traffic into a recording file through a queue of its own.
+    Record(wagg::traffic::RecordArgs),
+    /// Publish a recording again: original pace, a multiple, or a rate.
+    Replay(wagg::traffic::ReplayArgs),
+    /// Benchmark modules offline on a recording or generated workload.
+    Bench(wagg::traffic::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,6 +130,53 @@ enum ModuleCommand {
         /// The `.wasm` component, or a built-in's name.
         file: String,
     },
+    /// Upload a component to a running host: validated, compiled and
+    /// test-run there, then stored (a restart keeps it).
+    Upload {
+        /// The `.wasm` component.
+        file: PathBuf,
+        /// Its name (letters, digits, `-`, `_`, `.`).
+        #[arg(long)]
+        name: String,
+        /// Its version (same characters; `builtin` is reserved).
+        #[arg(long)]
+        version: String,
+        /// An option for its `configure`, `key=value`; repeat for more.
+        #[arg(long = "option", value_name = "KEY=VALUE", value_parser = parse_module_option)]
+        options: Vec<(String, String)>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List a running host's modules: state, shards, memory, live series,
+    /// failures, why one was rolled back.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove an idle module from a running host.
+    Remove {
+        /// `name@version`, an id or an id prefix (8+ hex digits).
+        key: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// Where the admin API of a running host is, and its token.
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    /// The admin API's URL (`[admin] listen` of the running host).
+    #[arg(long = "admin", env = admin_client::ADMIN_URL_ENV, default_value = admin_client::DEFAULT_ADMIN_URL)]
+    url: String,
+    /// Bearer token for changes (`[admin] token` of the running host).
+    #[arg(long, env = admin_http::TOKEN_ENV, hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl AdminArgs {
+    fn client(&self) -> anyhow::Result<AdminClient> {
+        Ok(AdminClient::new(&self.url, self.token.clone())?)
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -123,6 +206,71 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Module(ModuleCommand::Validate { file }) => validate(&file),
+        Command::Module(ModuleCommand::Upload {
+            file,
+            name,
+            version,
+            options,
+            admin,
+        }) => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let client = admin.client()?;
+            let record = tokio_runtime()?
+                .block_on(client.upload(bytes, &name, &version, &options))
+                .with_context(|| format!("{} was not uploaded", file.display()))?;
+            println!("uploaded {} as {}", record.label(), record.id);
+            println!(
+                "roll it out with: wagg rollout {} --weight 25",
+                record.label()
+            );
+            Ok(())
+        }
+        Command::Module(ModuleCommand::List { admin }) => {
+            let client = admin.client()?;
+            let modules = tokio_runtime()?.block_on(client.list())?;
+            print!("{}", admin_client::module_table(&modules));
+            Ok(())
+        }
+        Command::Module(ModuleCommand::Remove { key, admin }) => {
+            let client = admin.client()?;
+            let record = tokio_runtime()?
+                .block_on(client.remove(&key))
+                .with_context(|| format!("`{key}` was not removed"))?;
+            println!("removed {} ({})", record.label(), record.id);
+            Ok(())
+        }
+        Command::Rollout {
+            candidate,
+            weight,
+            admin,
+        } => {
+            let client = admin.client()?;
+            let view = match (candidate, weight) {
+                (Some(candidate), Some(weight)) => tokio_runtime()?
+                    .block_on(client.set_rollout(&candidate, weight))
+                    .with_context(|| format!("the rollout of {candidate} was not changed"))?,
+                _ => tokio_runtime()?.block_on(client.rollout())?,
+            };
+            print!("{}", admin_client::rollout_summary(&view));
+            Ok(())
+        }
+        Command::Promote { admin } => {
+            let client = admin.client()?;
+            let view = tokio_runtime()?
+                .block_on(client.promote())
+                .context("the candidate was not promoted")?;
+            print!("{}", admin_client::rollout_summary(&view));
+            Ok(())
+        }
+        Command::Rollback { reason, admin } => {
+            let client = admin.client()?;
+            let view = tokio_runtime()?
+                .block_on(client.rollback(reason.as_deref()))
+                .context("the candidate was not rolled back")?;
+            print!("{}", admin_client::rollout_summary(&view));
+            Ok(())
+        }
         Command::Run {
             config,
             shards,
@@ -143,6 +291,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             apply_overrides(&mut cfg, shards, strategy)?;
             tokio_runtime()?.block_on(demo(cfg, duration, out))
         }
+        Command::Loadgen(args) => Ok(wagg::traffic::cli::run_loadgen(args)?),
+        Command::Record(args) => Ok(wagg::traffic::cli::run_record(args)?),
+        Command::Replay(args) => Ok(wagg::traffic::cli::run_replay(args)?),
+        Command::Bench(args) => Ok(wagg::traffic::cli::run_bench(args)?),
     }
 }
 
@@ -175,6 +327,14 @@ fn apply_overrides(
     }
     cfg.validate().context("invalid configuration")?;
     Ok(())
+}
+
+/// `key=value` of `wagg module upload --option`.
+fn parse_module_option(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not `key=value`")),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -263,6 +423,7 @@ fn parts(cfg: &Config, sink: Sink) -> anyhow::Result<Parts> {
         control: None,
         decoder: Arc::new(JsonDecoder::new(cfg.decode)),
         sink: Arc::new(sink),
+        metrics: wagg::telemetry::Metrics::new(),
     })
 }
 
@@ -289,6 +450,39 @@ async fn shutdown_signal() {
 }
 
 async fn run_pipeline(cfg: Config) -> anyhow::Result<()> {
+    // The admin API listens first: a taken address fails before anything
+    // else starts. It serves /healthz and /metrics at once, /readyz and the
+    // controller's calls once the controller runs, until the pipeline ends.
+    let listener = tokio::net::TcpListener::bind(cfg.admin.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for the admin API (set [admin] listen to a free address)",
+                cfg.admin.listen
+            )
+        })?;
+    if admin_http::configured_token(&cfg.admin).is_none() {
+        tracing::warn!(
+            "No admin token is configured ([admin] token or {}): the admin API refuses every change.",
+            admin_http::TOKEN_ENV
+        );
+    }
+    let metrics = wagg::telemetry::Metrics::new();
+    let admin = AdminState::from_config(&cfg.admin, metrics.clone());
+    let (stop_admin, stop_admin_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let admin = admin.clone();
+        async move {
+            let result = admin_http::serve(listener, admin, async {
+                let _ = stop_admin_rx.await;
+            })
+            .await;
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "The admin API stopped serving.");
+            }
+            result
+        }
+    });
     let data_dir = cfg.pipeline.data_dir.clone();
     let sink = Sink::from_config(&cfg.sink).context("cannot set up the sink")?;
     let runtime = Runtime::new(cfg.runtime.clone(), Some(&data_dir.join("compiled")))?;
@@ -313,18 +507,26 @@ async fn run_pipeline(cfg: Config) -> anyhow::Result<()> {
         control: Some(control_rx),
         decoder: Arc::new(JsonDecoder::new(cfg.decode)),
         sink: Arc::new(sink),
+        metrics,
     };
     let source = AmqpSource::connect(cfg.source.amqp.clone())
         .await
         .context("cannot connect to RabbitMQ")?;
     tracing::info!(shards = cfg.router.shards, incumbent = %incumbent.label, "Pipeline running.");
     let counters = Arc::new(PipelineCounters::default());
+    let shutdown = {
+        let admin = admin.clone();
+        async move {
+            shutdown_signal().await;
+            admin.set_draining();
+        }
+    };
     let pipeline = tokio::spawn(pipeline::run(
         parts,
         source,
         counters,
         Drain::Complete,
-        shutdown_signal(),
+        shutdown,
     ));
     let controller = Controller::start(
         registry,
@@ -336,9 +538,14 @@ async fn run_pipeline(cfg: Config) -> anyhow::Result<()> {
     )
     .await
     .context("cannot apply the saved rollout")?;
+    admin.set_controller(controller.clone());
     let result = pipeline.await.context("the pipeline task failed")?;
+    admin.set_draining();
+    let _ = stop_admin.send(());
+    let served = server.await.context("the admin API task failed")?;
     drop(controller);
     result?;
+    served.context("the admin API failed")?;
     Ok(())
 }
 

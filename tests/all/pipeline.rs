@@ -15,7 +15,8 @@ use wagg::shard::Assignment;
 use wagg::sink::{OpenTsdbConfig, Sink, SinkConfig};
 use wagg::source::amqp::{AmqpPublisher, AmqpSource};
 use wagg::source::generator::{Generator, GeneratorConfig};
-use wagg::source::json::{JsonDecoder, Message};
+use wagg::source::json::{Decoder as _, JsonDecoder, Message};
+use wagg::telemetry::Metrics;
 use wagg_tests::VictoriaMetrics;
 
 use crate::amqp::{KEY, Names, ready};
@@ -164,6 +165,7 @@ async fn published_totals_arrive_exactly_and_malformed_messages_are_dead_lettere
         vm.opentsdb_url(),
     )))
     .unwrap();
+    let metrics = Metrics::new();
     let parts = Parts {
         config,
         router: Arc::new(RouterConfig {
@@ -177,6 +179,7 @@ async fn published_totals_arrive_exactly_and_malformed_messages_are_dead_lettere
         control: None,
         decoder: Arc::new(JsonDecoder::default()),
         sink: Arc::new(sink),
+        metrics: metrics.clone(),
     };
     let counters = Arc::new(PipelineCounters::default());
     let want = expected(&bodies);
@@ -202,7 +205,8 @@ async fn published_totals_arrive_exactly_and_malformed_messages_are_dead_lettere
     stop_tx.send(()).unwrap();
     run.await.unwrap().unwrap();
 
-    compare(&read_back(&vm).await, &want);
+    let got = read_back(&vm).await;
+    compare(&got, &want);
     assert_eq!(
         counters.messages.load(Ordering::Relaxed),
         (bodies.len() + malformed.len()) as u64
@@ -215,4 +219,41 @@ async fn published_totals_arrive_exactly_and_malformed_messages_are_dead_lettere
     assert_eq!(ready(&names.dlq()).await, malformed.len() as u32);
     // Everything was acknowledged.
     assert_eq!(ready(&names.queue()).await, 0);
+
+    // `/metrics` tells the same story.
+    let scrape =
+        prometheus_parse::Scrape::parse(metrics.render().lines().map(|l| Ok(l.to_owned())))
+            .unwrap();
+    let metric = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        let found: Vec<_> = scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .collect();
+        assert_eq!(found.len(), 1, "{name} {labels:?}: {found:?}");
+        match found[0].value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+            ref other => panic!("{name}: {other:?}"),
+        }
+    };
+    assert_eq!(
+        metric("wagg_messages_received_total", &[]),
+        (bodies.len() + malformed.len()) as f64
+    );
+    let mut reasons = BTreeMap::<&str, f64>::new();
+    for bad in &malformed {
+        let code = JsonDecoder::default().decode(bad).unwrap_err().code();
+        *reasons.entry(code).or_default() += 1.0;
+    }
+    assert!(reasons.len() > 1, "{reasons:?}");
+    for (reason, n) in reasons {
+        assert_eq!(
+            metric("wagg_messages_dead_lettered_total", &[("reason", reason)]),
+            n,
+            "{reason}"
+        );
+    }
+    assert_eq!(metric("wagg_points_written_total", &[]), got.len() as f64);
+    assert_eq!(metric("wagg_late_samples_total", &[]), 0.0);
+    assert_eq!(metric("wagg_unacked_deliveries", &[]), 0.0);
 }

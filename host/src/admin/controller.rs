@@ -37,7 +37,7 @@ struct Rollout {
 }
 
 /// The rollout as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutView {
     /// The incumbent's id and label.
     pub incumbent: ModuleRef,
@@ -50,7 +50,7 @@ pub struct RolloutView {
 }
 
 /// A module's id and label.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleRef {
     /// SHA-256, hex.
     pub id: String,
@@ -59,7 +59,7 @@ pub struct ModuleRef {
 }
 
 /// A module's role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModuleState {
     /// Runs on the shards the candidate does not.
@@ -73,7 +73,7 @@ pub enum ModuleState {
 }
 
 /// One module in the API's list.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModuleView {
     /// Registry record (id, name, version, options, rollback reason).
     #[serde(flatten)]

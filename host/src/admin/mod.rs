@@ -5,8 +5,15 @@
 //! - [`controller`]: which module each shard runs — rollout by whole
 //!   shards, promote, roll back, and the circuit breaker that rolls a
 //!   failing candidate back by itself.
+//! - [`http`]: the admin HTTP API over the controller (module upload, list,
+//!   remove; rollout, promote, rollback; health, readiness, `/metrics`),
+//!   with bearer-token authentication of every change and a body limit;
+//! - [`client`]: its client, behind `wagg module upload/list/remove`,
+//!   `wagg rollout`, `wagg promote` and `wagg rollback`.
 
+pub mod client;
 pub mod controller;
+pub mod http;
 pub mod registry;
 
 use std::net::SocketAddr;

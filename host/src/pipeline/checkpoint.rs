@@ -33,8 +33,8 @@ pub struct Checkpoint {
     pub rows: Vec<StateRow>,
     /// Flushed points the sink has not confirmed.
     pub pending: Vec<Point>,
-    /// XXH3 hashes of the message bodies taken since the checkpoint before
-    /// this one's predecessor (see the module docs).
+    /// XXH3 hashes of counted messages whose acknowledgement the broker had
+    /// not confirmed (see [`super::dedup`]).
     pub recent_messages: Vec<u64>,
 }
 

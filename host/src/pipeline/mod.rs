@@ -26,12 +26,12 @@
 //! deliveries are taken (backpressure: the broker keeps the rest).
 
 pub mod checkpoint;
+pub mod dedup;
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,11 @@ use crate::shard::{
 use crate::sink::Sink;
 use crate::source::amqp::{Delivery, DeliveryTag, SourceError};
 use crate::source::json::Decoder;
+use crate::telemetry::{
+    CheckpointWritten, DeliveriesAcked, DuplicateRecognised, MessageDeadLettered, MessageDecoded,
+    MessageReceived, Metrics, PointsRefused, PointsWritten, SamplesLate, SamplesRouted,
+    SinkWriteFailed, SourceOperationFailed, WatermarkAdvanced,
+};
 use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, VERSION};
 
 /// `[pipeline]` in wagg.toml.
@@ -114,6 +119,11 @@ pub trait Source: Send {
         code: &str,
         reason: &str,
     ) -> impl Future<Output = Result<(), SourceError>> + Send;
+    /// Where the source reports what it does (reconnects); the pipeline
+    /// calls it once at its start. The default ignores it.
+    fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        let _ = metrics;
+    }
 }
 
 impl Source for crate::source::amqp::AmqpSource {
@@ -127,6 +137,9 @@ impl Source for crate::source::amqp::AmqpSource {
         crate::source::amqp::AmqpSource::dead_letter(self, d, code, reason)
             .await
             .map(drop)
+    }
+    fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        crate::source::amqp::AmqpSource::set_metrics(self, metrics);
     }
 }
 
@@ -289,6 +302,9 @@ pub struct Parts {
     pub decoder: Arc<dyn Decoder>,
     /// Where flushed points go.
     pub sink: Arc<Sink>,
+    /// Where every stage's metrics go (serve [`Metrics::render`] on
+    /// `/metrics`).
+    pub metrics: Arc<Metrics>,
 }
 
 /// How the pipeline ends when told to stop.
@@ -312,12 +328,12 @@ struct Coordinator<S: Source> {
     outbox: Arc<Outbox>,
     store: CheckpointStore,
     counters: Arc<PipelineCounters>,
+    metrics: Arc<Metrics>,
     flushed_watermark: u64,
     max_event_time: u64,
     last_tag: Option<DeliveryTag>,
     acked_tag: Option<DeliveryTag>,
-    recent: HashSet<u64>,
-    previous: HashSet<u64>,
+    dedup: dedup::Dedup,
     last_delivery: Instant,
     open_data: bool,
 }
@@ -331,7 +347,7 @@ struct Coordinator<S: Source> {
 /// shard cannot start or stops.
 pub async fn run<S: Source>(
     parts: Parts,
-    source: S,
+    mut source: S,
     counters: Arc<PipelineCounters>,
     drain: Drain,
     shutdown: impl Future<Output = ()>,
@@ -349,6 +365,9 @@ pub async fn run<S: Source>(
             "Resuming from checkpoint."
         );
     }
+    let metrics = parts.metrics.clone();
+    source.set_metrics(metrics.clone());
+    parts.sink.set_metrics(metrics.clone());
     let router = Router::new(parts.router.clone());
     let outbox = Outbox::new();
     outbox.push(cp.pending);
@@ -368,12 +387,12 @@ pub async fn run<S: Source>(
         outbox: outbox.clone(),
         store,
         counters: counters.clone(),
+        metrics: metrics.clone(),
         flushed_watermark: cp.flushed_watermark,
         max_event_time: cp.max_event_time,
         last_tag: None,
         acked_tag: None,
-        recent: HashSet::new(),
-        previous: cp.recent_messages.into_iter().collect(),
+        dedup: dedup::Dedup::restore(cp.recent_messages),
         last_delivery: Instant::now(),
         open_data: cp.max_event_time > cp.flushed_watermark,
         parts,
@@ -383,6 +402,7 @@ pub async fn run<S: Source>(
         co.parts.sink.clone(),
         outbox.clone(),
         counters.clone(),
+        metrics,
         stop_sink_rx,
     ));
     let control = co.parts.control.take();
@@ -456,6 +476,7 @@ fn start_shards(
                 bucket_seconds: parts.config.bucket_seconds,
                 forget_after_buckets: parts.config.forget_after_buckets,
                 router: parts.router.clone(),
+                metrics: parts.metrics.clone(),
             };
             ShardHandle::start(spec, parts.runtime.clone(), outbox.clone(), restore).map_err(
                 |error| PipelineError::Shard {
@@ -474,6 +495,7 @@ async fn sink_loop(
     sink: Arc<Sink>,
     outbox: Arc<Outbox>,
     counters: Arc<PipelineCounters>,
+    metrics: Arc<Metrics>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut next = 0u64;
@@ -491,28 +513,32 @@ async fn sink_loop(
             continue;
         }
         for (seq, points) in jobs {
+            let started = Instant::now();
             match sink.write(&points).await {
                 Ok(report) => {
-                    counters
-                        .points_written
-                        .fetch_add(report.written as u64, Ordering::Relaxed);
-                    if !report.refused.is_empty() {
-                        counters
-                            .points_refused
-                            .fetch_add(report.refused.len() as u64, Ordering::Relaxed);
-                        tracing::error!(
-                            refused = report.refused.len(),
-                            first = %report.refused[0].1,
-                            "The sink refused points; they are lost."
-                        );
+                    if let Some((_, first_reason)) = report.refused.first() {
+                        PointsRefused {
+                            points: report.refused.len(),
+                            first_reason,
+                        }
+                        .emit(&metrics, &counters);
                     }
                     outbox.confirm(seq);
+                    PointsWritten {
+                        points: report.written,
+                        duration: started.elapsed(),
+                        pending_points: outbox.pending_points(),
+                    }
+                    .emit(&metrics, &counters);
                     next = seq + 1;
                     backoff = Duration::from_millis(100);
                 }
                 Err(err) => {
-                    counters.sink_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %err, pending = outbox.pending_points(), "Sink write failed; retrying.");
+                    SinkWriteFailed {
+                        error: &err,
+                        pending_points: outbox.pending_points(),
+                    }
+                    .emit(&metrics, &counters);
                     if *stop.borrow() {
                         return;
                     }
@@ -623,13 +649,13 @@ impl<S: Source> Coordinator<S> {
 
     /// Handles one delivery.
     async fn take(&mut self, d: Delivery) -> Result<(), PipelineError> {
-        self.counters.messages.fetch_add(1, Ordering::Relaxed);
+        MessageReceived.emit(&self.metrics, &self.counters);
         self.last_delivery = Instant::now();
         let hash = xxhash_rust::xxh3::xxh3_64(&d.body);
-        if d.redelivered && (self.recent.contains(&hash) || self.previous.contains(&hash)) {
+        if self.dedup.seen(d.tag, d.redelivered, hash) {
             // Counted before a reconnect or a restart, and its effect is in
             // the state (or the checkpoint): ack it with the next checkpoint.
-            self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            DuplicateRecognised.emit(&self.metrics, &self.counters);
             self.last_tag = self.last_tag.max(Some(d.tag));
             return Ok(());
         }
@@ -637,36 +663,48 @@ impl<S: Source> Coordinator<S> {
         let msg = match decoder.decode(&d.body) {
             Ok(msg) => msg,
             Err(err) => {
-                self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(code = err.code(), error = %err, "Malformed message; dead-lettering it.");
+                MessageDeadLettered {
+                    reason: err.code(),
+                    error: &err,
+                }
+                .emit(&self.metrics, &self.counters);
                 if let Err(e) = self
                     .source
                     .dead_letter(&d, err.code(), &err.to_string())
                     .await
                 {
                     // It stays unacked and comes back after a reconnect.
-                    tracing::warn!(error = %e, "Could not dead-letter a malformed message.");
+                    SourceOperationFailed {
+                        op: "dead_letter",
+                        error: &e,
+                    }
+                    .emit(&self.metrics);
                 }
                 return Ok(());
             }
         };
+        MessageDecoded {
+            samples: msg.metrics.len(),
+        }
+        .emit(&self.metrics);
         let width = u64::from(self.parts.config.bucket_seconds);
         let bucket_end = msg.time - msg.time % width + width;
         let samples = msg.metrics.len() * self.parts.router.rollups.len();
         if bucket_end <= self.flushed_watermark {
-            self.counters
-                .late_samples
-                .fetch_add(samples as u64, Ordering::Relaxed);
+            SamplesLate {
+                samples,
+                time: msg.time,
+                watermark: self.flushed_watermark,
+            }
+            .emit(&self.metrics, &self.counters);
         } else {
             self.router.route(&msg, &mut self.batches);
-            self.counters
-                .samples
-                .fetch_add(samples as u64, Ordering::Relaxed);
+            SamplesRouted { samples }.emit(&self.metrics, &self.counters);
             self.max_event_time = self.max_event_time.max(msg.time);
             self.open_data = true;
             self.batch_started.get_or_insert_with(Instant::now);
         }
-        self.recent.insert(hash);
+        self.dedup.counted(d.tag, hash);
         self.last_tag = self.last_tag.max(Some(d.tag));
         drop(msg);
         let full = self.parts.config.batch_size;
@@ -734,13 +772,14 @@ impl<S: Source> Coordinator<S> {
         if watermark > self.max_event_time {
             self.open_data = false;
         }
-        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        WatermarkAdvanced { watermark }.emit(&self.metrics, &self.counters);
         Ok(())
     }
 
     /// Writes a checkpoint at the current message boundary, then acks every
     /// delivery it covers.
     async fn checkpoint(&mut self) -> Result<(), PipelineError> {
+        let started = Instant::now();
         self.send_all_batches().await?;
         let mut rows = Vec::new();
         for shard in &self.shards {
@@ -757,26 +796,40 @@ impl<S: Source> Coordinator<S> {
             max_event_time: self.max_event_time,
             rows,
             pending: self.outbox.pending(),
-            recent_messages: self.recent.iter().chain(&self.previous).copied().collect(),
+            recent_messages: self.dedup.unconfirmed(),
         };
+        let (rows, pending_points) = (cp.rows.len(), cp.pending.len());
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.save(&cp))
             .await
             .map_err(|e| PipelineError::Config(format!("checkpoint writer panicked: {e}")))??;
-        self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+        CheckpointWritten {
+            rows,
+            pending_points,
+            duration: started.elapsed(),
+        }
+        .emit(&self.metrics, &self.counters);
         if let Some(tag) = self.last_tag
             && Some(tag) > self.acked_tag
         {
             match self.source.ack_upto(tag).await {
-                Ok(_) => self.acked_tag = Some(tag),
+                Ok(confirmed) => {
+                    self.acked_tag = Some(tag);
+                    if confirmed {
+                        // Only now can these messages not come back.
+                        self.dedup.acked(tag);
+                    }
+                    DeliveriesAcked.emit(&self.metrics);
+                }
                 // Not acked: the messages come back as redeliveries and are
                 // recognised by their hashes.
-                Err(e) => {
-                    tracing::warn!(error = %e, "Acknowledgement failed; the broker will redeliver.")
+                Err(e) => SourceOperationFailed {
+                    op: "ack",
+                    error: &e,
                 }
+                .emit(&self.metrics),
             }
         }
-        self.previous = std::mem::take(&mut self.recent);
         Ok(())
     }
 

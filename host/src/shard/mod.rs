@@ -13,7 +13,7 @@ pub mod dictionary;
 pub mod outbox;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +27,10 @@ use crate::runtime::{
     Aggregates, Batch, Instance, InstanceError, LoadedModule, ModuleStats, Runtime,
 };
 use crate::sink::Point;
+use crate::telemetry::{
+    BatchPut, Metrics, ModuleFailed, ModuleFlushed, PointsFlushed, Recovery, ShardHalted,
+    ShardQueueDepth, ShardSwapped, SwapFailed,
+};
 
 /// One open bucket of one series, by key: the form of a shard's state in a
 /// checkpoint, independent of ids and of the module that held it.
@@ -160,6 +164,8 @@ pub struct ShardSpec {
     pub router: Arc<RouterConfig>,
     /// Where module failures and swaps are reported.
     pub events: tokio::sync::broadcast::Sender<ShardEvent>,
+    /// Where the shard's and its module's metrics go.
+    pub metrics: Arc<Metrics>,
 }
 
 /// A snapshot of a shard's figures.
@@ -195,7 +201,7 @@ pub struct ShardCounters {
     pub put_nanos: AtomicU64,
     /// Live series the module reported at its last flush.
     pub live_series: AtomicU64,
-    /// The module's linear memory at its last flush, bytes.
+    /// The module's linear memory after its last batch or flush, bytes.
     pub memory_bytes: AtomicU64,
 }
 
@@ -319,13 +325,27 @@ const REBUILDS_BEFORE_FALLBACK: u32 = 1;
 impl Shard {
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         while let Some(cmd) = rx.blocking_recv() {
+            ShardQueueDepth {
+                shard: self.spec.index,
+                depth: rx.len(),
+            }
+            .emit(&self.spec.metrics);
             let cmd = match cmd {
                 Command::Swap {
                     to,
                     fallback,
                     reply,
                 } => {
+                    let label = to.label.clone();
                     let result = self.swap(to, fallback);
+                    if let Err(error) = &result {
+                        SwapFailed {
+                            shard: self.spec.index,
+                            module: &label,
+                            error,
+                        }
+                        .emit(&self.spec.metrics);
+                    }
                     let _ = reply.send(result);
                     continue;
                 }
@@ -337,17 +357,16 @@ impl Shard {
                     Ok(outcome) => break outcome,
                     Err(err) => {
                         failures += 1;
-                        self.counters.failures.fetch_add(1, Ordering::Relaxed);
                         if let Err(fatal) = self.recover(&err, failures) {
                             // Nothing can run this shard's data any more:
                             // the shard stops taking commands, so the
                             // pipeline stalls and acknowledges nothing
                             // rather than lose data.
-                            tracing::error!(
-                                shard = self.spec.index,
-                                error = %fatal,
-                                "Shard cannot rebuild its module and stops; unacknowledged data will be redelivered after a restart."
-                            );
+                            ShardHalted {
+                                shard: self.spec.index,
+                                error: &fatal,
+                            }
+                            .emit(&self.spec.metrics);
                             return;
                         }
                     }
@@ -374,9 +393,12 @@ impl Shard {
         match (cmd, outcome) {
             (Command::Put(keys), Outcome::Put) => self.log.push(Logged::Put(keys)),
             (Command::Flush(watermark), Outcome::Flushed(points)) => {
-                self.counters
-                    .points
-                    .fetch_add(points.len() as u64, Ordering::Relaxed);
+                PointsFlushed {
+                    shard: self.spec.index,
+                    points: points.len(),
+                    watermark,
+                }
+                .emit(&self.spec.metrics, &self.counters);
                 self.outbox.push(points);
                 self.log.push(Logged::Flush(watermark));
             }
@@ -406,6 +428,7 @@ impl Shard {
     }
 
     fn put(&mut self, keys: &KeyBatch) -> Result<(), InstanceError> {
+        let batch_started = std::time::Instant::now();
         let width = u64::from(self.spec.bucket_seconds);
         self.batch.clear();
         for s in keys.samples() {
@@ -419,29 +442,39 @@ impl Shard {
             .as_mut()
             .ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
         instance.put(&self.batch)?;
-        let c = &self.counters;
-        c.put_nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        c.samples.fetch_add(keys.len() as u64, Ordering::Relaxed);
-        c.batches.fetch_add(1, Ordering::Relaxed);
+        let put_duration = started.elapsed();
+        BatchPut {
+            shard: self.spec.index,
+            module: &self.current.label,
+            samples: keys.len(),
+            batch_duration: batch_started.elapsed(),
+            put_duration,
+            fuel: instance.last_fuel(),
+            memory: instance.memory(),
+        }
+        .emit(&self.spec.metrics, &self.counters);
         Ok(())
     }
 
     fn flush(&mut self, watermark: u64) -> Result<Vec<Point>, InstanceError> {
+        let started = std::time::Instant::now();
         let dict = &self.dict;
         let instance = self
             .instance
             .as_mut()
             .ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
         let aggs = instance.flush(watermark, &|id| dict.contains(id))?;
+        let flush_duration = started.elapsed();
         let stats = instance.stats()?;
         let points = self.points(&aggs)?;
-        self.counters
-            .live_series
-            .store(stats.live_series, Ordering::Relaxed);
-        self.counters
-            .memory_bytes
-            .store(stats.memory_bytes, Ordering::Relaxed);
+        ModuleFlushed {
+            shard: self.spec.index,
+            module: &self.current.label,
+            flush_duration,
+            duration: started.elapsed(),
+            stats,
+        }
+        .emit(&self.spec.metrics, &self.counters);
         self.forget(watermark);
         Ok(points)
     }
@@ -509,24 +542,26 @@ impl Shard {
         let failed = self.current.module.id().to_string();
         let fall_back =
             failures > REBUILDS_BEFORE_FALLBACK && !self.current.same_as(&self.spec.fallback);
-        if fall_back {
-            tracing::warn!(
-                shard = self.spec.index,
-                module = %failed,
-                error = %err,
-                "Module failed again on the same data; the fallback module takes over this shard."
-            );
-            self.current = self.spec.fallback.clone();
-        } else if failures > REBUILDS_BEFORE_FALLBACK + 1 {
+        let give_up = !fall_back && failures > REBUILDS_BEFORE_FALLBACK + 1;
+        ModuleFailed {
+            shard: self.spec.index,
+            module: &self.current.label,
+            kind: err.kind(),
+            error: err,
+            recovery: if fall_back {
+                Recovery::FallBack(&self.spec.fallback.label)
+            } else if give_up {
+                Recovery::GiveUp
+            } else {
+                Recovery::Rebuild
+            },
+        }
+        .emit(&self.spec.metrics, &self.counters);
+        if give_up {
             return Err(err.clone());
-        } else {
-            tracing::warn!(
-                shard = self.spec.index,
-                module = %failed,
-                kind = err.kind(),
-                error = %err,
-                "Module failed; rebuilding its state from the last snapshot."
-            );
+        }
+        if fall_back {
+            self.current = self.spec.fallback.clone();
         }
         let _ = self.spec.events.send(ShardEvent::ModuleFailed {
             shard: self.spec.index,
@@ -548,7 +583,6 @@ impl Shard {
         let state = match self.export_ids() {
             Ok(state) => state,
             Err(err) => {
-                self.counters.failures.fetch_add(1, Ordering::Relaxed);
                 self.recover(&err, 1)?;
                 self.export_ids()?
             }
@@ -558,19 +592,20 @@ impl Shard {
                 .instantiate(&to.module, self.spec.bucket_seconds, &to.options)?;
         next.merge(&state)?;
         self.instance = Some(next);
-        self.current = to;
+        let from = std::mem::replace(&mut self.current, to);
         self.spec.fallback = fallback;
         let report = SwapReport {
             rows: state.len(),
             pause: started.elapsed(),
         };
-        tracing::info!(
-            shard = self.spec.index,
-            module = self.current.module.id(),
-            rows = report.rows,
-            pause_us = report.pause.as_micros() as u64,
-            "Shard swapped modules."
-        );
+        ShardSwapped {
+            shard: self.spec.index,
+            from: &from.label,
+            to: &self.current.label,
+            rows: report.rows,
+            pause: report.pause,
+        }
+        .emit(&self.spec.metrics);
         let _ = self.spec.events.send(ShardEvent::Swapped {
             shard: self.spec.index,
             module: self.current.module.id().to_string(),

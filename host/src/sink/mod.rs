@@ -193,6 +193,18 @@ impl Sink {
             Sink::File(s) => s.write(points).await,
         }
     }
+
+    /// Reports what the sink does inside a write (retries) to `metrics`;
+    /// the pipeline calls it at its start. See [`OpenTsdbSink::set_metrics`].
+    pub fn set_metrics(&self, metrics: std::sync::Arc<crate::telemetry::Metrics>) {
+        match self {
+            Sink::OpenTsdb(s) => {
+                s.set_metrics(metrics);
+            }
+            // Writes to a file are not retried.
+            Sink::File(_) => {}
+        }
+    }
 }
 
 /// Appends `points` to `out` as one JSON array in OpenTSDB's `/api/put`

@@ -18,7 +18,6 @@
 //! ([`backoff_cap`]); other answers are not.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::io::Write as _;
 use std::time::Duration;
 
@@ -134,6 +133,8 @@ pub struct OpenTsdbSink {
     /// `{url}/api/put?details`.
     endpoint: String,
     client: reqwest::Client,
+    /// Where retries are counted; see [`OpenTsdbSink::set_metrics`].
+    metrics: std::sync::OnceLock<std::sync::Arc<crate::telemetry::Metrics>>,
 }
 
 /// What one batch's successful request said.
@@ -213,7 +214,20 @@ impl OpenTsdbSink {
             cfg,
             endpoint,
             client,
+            metrics: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Reports retries to `metrics` (the pipeline calls it with its own
+    /// before the first write). Only the first call counts; a sink that
+    /// wrote before any call keeps a registry of its own. Returns whether
+    /// `metrics` was taken.
+    pub fn set_metrics(&self, metrics: std::sync::Arc<crate::telemetry::Metrics>) -> bool {
+        self.metrics.set(metrics).is_ok()
+    }
+
+    fn metrics(&self) -> &crate::telemetry::Metrics {
+        self.metrics.get_or_init(crate::telemetry::Metrics::new)
     }
 
     /// The configuration this sink was built from.
@@ -302,12 +316,12 @@ impl OpenTsdbSink {
                     let delay = full_jitter(cap, &mut rand::rng());
                     attempt += 1;
                     report.retries += 1;
-                    warn!(
+                    crate::telemetry::SinkRetried {
                         attempt,
-                        delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                        error = %Chain(&e),
-                        "OpenTSDB write failed; retrying."
-                    );
+                        delay,
+                        error: &e,
+                    }
+                    .emit(self.metrics());
                     tokio::time::sleep(delay).await;
                 }
                 Err(e) if is_retryable(&e) => {
@@ -436,21 +450,6 @@ fn gzip(json: &[u8]) -> Vec<u8> {
     match enc.write_all(json).and_then(|()| enc.finish()) {
         Ok(out) => out,
         Err(e) => unreachable!("gzip into a Vec failed: {e}"),
-    }
-}
-
-/// Displays an error with its sources: `a: b: c`.
-struct Chain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
-        }
-        Ok(())
     }
 }
 

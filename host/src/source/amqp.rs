@@ -773,6 +773,8 @@ struct Shared {
     /// Routing key of dead letters (the fanout ignores it; it tells an operator
     /// which queue a dead letter came from).
     dead_letter_routing_key: ShortString,
+    /// The consumer's prefetch, re-sent to confirm acks (see `ack_upto`).
+    prefetch: u16,
 }
 
 #[derive(Debug)]
@@ -846,6 +848,22 @@ impl AmqpAcker {
                 tag = wire,
                 error = %Chain(&error),
                 "Could not ack; the messages will be redelivered after the reconnect."
+            );
+            return Ok(false);
+        }
+        // `basic.ack` has no reply, so a sent ack may still be lost with the
+        // connection. A synchronous method on the same channel settles it:
+        // the broker answers `basic.qos` only after every frame sent before
+        // it, so `Ok(true)` means the broker has processed these acks.
+        if let Err(error) = channel
+            .basic_qos(self.shared.prefetch, BasicQosOptions { global: false })
+            .await
+        {
+            warn!(
+                generation = tag.generation,
+                tag = wire,
+                error = %Chain(&error),
+                "Could not confirm an ack; the messages may be redelivered after the reconnect."
             );
             return Ok(false);
         }
@@ -1000,6 +1018,9 @@ pub struct AmqpSource {
     link: Option<Link>,
     backoff: Backoff,
     closed: bool,
+    /// Where reconnects are counted ([`AmqpSource::set_metrics`]; a
+    /// registry of its own until then).
+    metrics: Arc<crate::telemetry::Metrics>,
 }
 
 impl fmt::Debug for AmqpSource {
@@ -1079,6 +1100,7 @@ impl AmqpSource {
             dead_letter_connection_name: format!("{} (dead letters)", cfg.connection_name),
             dead_letter_exchange: short(&cfg.dead_letter_exchange, "dead_letter_exchange")?,
             dead_letter_routing_key: short(&cfg.queue, "queue")?,
+            prefetch: cfg.prefetch,
         });
         let mut source = Self {
             acker: AmqpAcker {
@@ -1088,6 +1110,7 @@ impl AmqpSource {
             link: None,
             backoff,
             closed: false,
+            metrics: crate::telemetry::Metrics::new(),
             cfg,
         };
         source.install(opened).await;
@@ -1156,8 +1179,10 @@ impl AmqpSource {
     /// Acks every delivery up to and including `tag` (`basic.ack`,
     /// `multiple = true`).
     ///
-    /// Returns `Ok(true)` if the ack was sent (or all it covers was already
-    /// acked singly), `Ok(false)` if there was nothing to do: `tag` belongs to
+    /// Returns `Ok(true)` once the broker has processed the ack (confirmed
+    /// by a synchronous round trip on the same channel), or if all it covers
+    /// was already acked singly; `Ok(false)` if it may not have taken effect:
+    /// the round trip failed, or there was nothing to do: `tag` belongs to
     /// an older generation (those messages come back as redeliveries), is at or
     /// below an earlier `ack_upto`, or the connection is down (they come back
     /// too). Never makes the broker close the channel.
@@ -1211,6 +1236,12 @@ impl AmqpSource {
     /// closed).
     pub fn generation(&self) -> u64 {
         self.link.as_ref().map_or(0, |link| link.generation)
+    }
+
+    /// Reports reconnects to `metrics` from now on (the pipeline calls it
+    /// with its own).
+    pub fn set_metrics(&mut self, metrics: Arc<crate::telemetry::Metrics>) {
+        self.metrics = metrics;
     }
 
     /// Number of reconnects so far (for metrics).
@@ -1301,10 +1332,11 @@ impl AmqpSource {
                 Ok(opened) => {
                     self.install(opened).await;
                     self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
-                    info!(
-                        generation = self.generation(),
-                        attempt, "Reconnected to RabbitMQ."
-                    );
+                    crate::telemetry::SourceReconnected {
+                        generation: self.generation(),
+                        attempt,
+                    }
+                    .emit(&self.metrics);
                     return;
                 }
                 Err(EstablishError::Connect(error)) => warn!(

@@ -48,7 +48,7 @@
 //! | `wagg_shard_batch_duration_seconds` | histogram | `shard` |
 //! | `wagg_shard_flush_duration_seconds` | histogram | `shard` |
 //! | `wagg_points_flushed_total` | counter | `shard` |
-//! | `wagg_shards_stopped_total` | counter | `shard` |
+//! | `wagg_shards_halted_total` | counter | `shard` |
 //! | `wagg_module_put_duration_seconds` | histogram | `module`, `shard` |
 //! | `wagg_module_flush_duration_seconds` | histogram | `module`, `shard` |
 //! | `wagg_module_fuel_per_sample` | histogram | `module`, `shard` |
@@ -132,7 +132,7 @@ pub struct Metrics {
     shard_batch_duration: HistogramVec,
     shard_flush_duration: HistogramVec,
     points_flushed: IntCounterVec,
-    shards_stopped: IntCounterVec,
+    shards_halted: IntCounterVec,
 
     // Modules.
     module_put_duration: HistogramVec,
@@ -212,7 +212,10 @@ fn histogram_vec(
     buckets: &[f64],
     labels: &[&str],
 ) -> HistogramVec {
-    match HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels) {
+    match HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    ) {
         Ok(h) => reg(r, h),
         Err(e) => unreachable!("metric {name} is malformed: {e}"),
     }
@@ -326,9 +329,9 @@ impl Metrics {
                 "Points a shard flushed to the sink's queue.",
                 &["shard"],
             ),
-            shards_stopped: counter_vec(
+            shards_halted: counter_vec(
                 &r,
-                "wagg_shards_stopped_total",
+                "wagg_shards_halted_total",
                 "Shards that stopped because neither their module nor the fallback could rebuild their state; the pipeline stalls.",
                 &["shard"],
             ),
@@ -489,7 +492,9 @@ impl Metrics {
                 && module.as_str() != incumbent
                 && Some(module.as_str()) != candidate;
             if !keep {
-                let _ = self.module_state.remove_label_values(&[module.as_str(), *state]);
+                let _ = self
+                    .module_state
+                    .remove_label_values(&[module.as_str(), *state]);
             }
             keep
         });
@@ -528,4 +533,590 @@ const ROLLED_BACK: &str = "rolled_back";
 /// A shard index as a label value.
 fn shard_label(shard: u32) -> String {
     shard.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use prometheus_parse::{Sample, Scrape, Value};
+
+    use super::*;
+    use crate::pipeline::PipelineCounters;
+    use crate::runtime::{InstanceError, ModuleStats};
+    use crate::shard::ShardCounters;
+    use crate::sink::SinkError;
+
+    /// Every family: name, type, label names (histograms without `le`).
+    const FAMILIES: &[(&str, &str, &[&str])] = &[
+        ("wagg_messages_received_total", "counter", &[]),
+        ("wagg_messages_decoded_total", "counter", &[]),
+        ("wagg_messages_dead_lettered_total", "counter", &["reason"]),
+        ("wagg_messages_duplicate_total", "counter", &[]),
+        ("wagg_samples_received_total", "counter", &[]),
+        ("wagg_samples_routed_total", "counter", &[]),
+        ("wagg_late_samples_total", "counter", &[]),
+        ("wagg_unacked_deliveries", "gauge", &[]),
+        ("wagg_source_reconnects_total", "counter", &[]),
+        ("wagg_source_errors_total", "counter", &["op"]),
+        ("wagg_checkpoints_total", "counter", &[]),
+        ("wagg_checkpoint_duration_seconds", "histogram", &[]),
+        ("wagg_flushes_total", "counter", &[]),
+        ("wagg_flushed_watermark_seconds", "gauge", &[]),
+        ("wagg_shard_queue_depth", "gauge", &["shard"]),
+        ("wagg_shard_batch_duration_seconds", "histogram", &["shard"]),
+        ("wagg_shard_flush_duration_seconds", "histogram", &["shard"]),
+        ("wagg_points_flushed_total", "counter", &["shard"]),
+        ("wagg_shards_halted_total", "counter", &["shard"]),
+        (
+            "wagg_module_put_duration_seconds",
+            "histogram",
+            &["module", "shard"],
+        ),
+        (
+            "wagg_module_flush_duration_seconds",
+            "histogram",
+            &["module", "shard"],
+        ),
+        (
+            "wagg_module_fuel_per_sample",
+            "histogram",
+            &["module", "shard"],
+        ),
+        ("wagg_module_memory_bytes", "gauge", &["module", "shard"]),
+        (
+            "wagg_module_memory_peak_bytes",
+            "gauge",
+            &["module", "shard"],
+        ),
+        ("wagg_module_live_series", "gauge", &["module", "shard"]),
+        (
+            "wagg_module_failures_total",
+            "counter",
+            &["module", "shard", "kind"],
+        ),
+        (
+            "wagg_module_fallbacks_total",
+            "counter",
+            &["module", "shard"],
+        ),
+        ("wagg_swap_pause_seconds", "histogram", &["module", "shard"]),
+        ("wagg_swap_failures_total", "counter", &["module", "shard"]),
+        (
+            "wagg_module_rollbacks_total",
+            "counter",
+            &["module", "reason"],
+        ),
+        ("wagg_module_state", "gauge", &["module", "state"]),
+        ("wagg_rollout_weight_percent", "gauge", &[]),
+        ("wagg_points_written_total", "counter", &[]),
+        ("wagg_points_refused_total", "counter", &[]),
+        ("wagg_sink_write_duration_seconds", "histogram", &[]),
+        ("wagg_sink_errors_total", "counter", &["kind"]),
+        ("wagg_sink_retries_total", "counter", &[]),
+        ("wagg_sink_pending_points", "gauge", &[]),
+    ];
+
+    /// The text as Prometheus would read it; every sample line must also
+    /// have the exposition format's shape (the parser skips lines it does
+    /// not understand).
+    fn scrape(metrics: &Metrics) -> Scrape {
+        let text = metrics.render();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').expect(line);
+            assert!(
+                value.parse::<f64>().is_ok() || value == "+Inf",
+                "value of {line}"
+            );
+            let name = series.split('{').next().unwrap();
+            assert!(
+                name.starts_with("wagg_")
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "name of {line}"
+            );
+        }
+        Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap()
+    }
+
+    /// The samples of `name` whose labels include `labels`.
+    fn find<'a>(s: &'a Scrape, name: &str, labels: &[(&str, &str)]) -> Vec<&'a Sample> {
+        s.samples
+            .iter()
+            .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+            .collect()
+    }
+
+    /// The value of the one sample of `name` with exactly `labels` (for a
+    /// histogram: its observation count).
+    fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let found = find(s, name, labels);
+        assert_eq!(found.len(), 1, "{name} {labels:?}: {found:?}");
+        match &found[0].value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(buckets) => buckets
+                .iter()
+                .find(|b| b.less_than.is_infinite())
+                .map_or(0.0, |b| b.count),
+            Value::Summary(_) => unreachable!("wagg exports no summaries"),
+        }
+    }
+
+    fn error() -> InstanceError {
+        InstanceError::MemoryLimit {
+            call: "put",
+            limit: 1 << 20,
+            requested: 2 << 20,
+        }
+    }
+
+    /// One of every event, as a running pipeline would emit them.
+    fn emit_everything(m: &Metrics, pc: &PipelineCounters, sc: &ShardCounters) {
+        let decode_error = std::io::Error::other("expected value at line 1");
+        MessageReceived.emit(m, pc);
+        MessageDecoded { samples: 50 }.emit(m);
+        MessageDeadLettered {
+            reason: "bad_json",
+            error: &decode_error,
+        }
+        .emit(m, pc);
+        DuplicateRecognised.emit(m, pc);
+        SamplesRouted { samples: 150 }.emit(m, pc);
+        SamplesLate {
+            samples: 3,
+            time: 10,
+            watermark: 60,
+        }
+        .emit(m, pc);
+        SourceOperationFailed {
+            op: "ack",
+            error: &decode_error,
+        }
+        .emit(m);
+        SourceReconnected {
+            generation: 2,
+            attempt: 1,
+        }
+        .emit(m);
+        WatermarkAdvanced { watermark: 120 }.emit(m, pc);
+        CheckpointWritten {
+            rows: 10,
+            pending_points: 5,
+            duration: Duration::from_millis(3),
+        }
+        .emit(m, pc);
+        DeliveriesAcked.emit(m);
+        ShardQueueDepth { shard: 1, depth: 4 }.emit(m);
+        BatchPut {
+            shard: 1,
+            module: "btree@0.1.0",
+            samples: 1024,
+            batch_duration: Duration::from_micros(300),
+            put_duration: Duration::from_micros(200),
+            fuel: 300_000,
+            memory: (1 << 20, 2 << 20),
+        }
+        .emit(m, sc);
+        ModuleFlushed {
+            shard: 1,
+            module: "btree@0.1.0",
+            flush_duration: Duration::from_micros(500),
+            duration: Duration::from_micros(700),
+            stats: ModuleStats {
+                live_series: 42,
+                memory_bytes: 1 << 20,
+                memory_peak_bytes: 2 << 20,
+                ..ModuleStats::default()
+            },
+        }
+        .emit(m, sc);
+        PointsFlushed {
+            shard: 1,
+            points: 7,
+            watermark: 120,
+        }
+        .emit(m, sc);
+        ModuleFailed {
+            shard: 2,
+            module: "leaky@0.1.0",
+            kind: error().kind(),
+            error: &error(),
+            recovery: Recovery::FallBack("hashmap@builtin"),
+        }
+        .emit(m, sc);
+        ShardHalted {
+            shard: 2,
+            error: &error(),
+        }
+        .emit(m);
+        ShardSwapped {
+            shard: 0,
+            from: "hashmap@builtin",
+            to: "sorted@0.1.0",
+            rows: 100,
+            pause: Duration::from_micros(900),
+        }
+        .emit(m);
+        SwapFailed {
+            shard: 0,
+            module: "otherworld@1",
+            error: &error(),
+        }
+        .emit(m);
+        ModuleRolledBack {
+            module: "leaky@0.1.0",
+            reason: "memory_limit",
+            shards: 1,
+        }
+        .emit(m);
+        m.set_rollout(25, Some("sorted@0.1.0"), "btree@0.1.0");
+        PointsWritten {
+            points: 7,
+            duration: Duration::from_millis(12),
+            pending_points: 0,
+        }
+        .emit(m, pc);
+        PointsRefused {
+            points: 1,
+            first_reason: "empty metric name",
+        }
+        .emit(m, pc);
+        SinkWriteFailed {
+            error: &SinkError::Config("x".into()),
+            pending_points: 9,
+        }
+        .emit(m, pc);
+        SinkRetried {
+            attempt: 1,
+            delay: Duration::from_millis(80),
+            error: &decode_error,
+        }
+        .emit(m);
+    }
+
+    #[test]
+    fn every_family_renders_with_its_type_help_and_labels() {
+        let (m, pc, sc) = (
+            Metrics::new(),
+            PipelineCounters::default(),
+            ShardCounters::default(),
+        );
+        emit_everything(&m, &pc, &sc);
+        let text = m.render();
+        let s = scrape(&m);
+        for (name, kind, labels) in FAMILIES {
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "{name} is not a {kind}"
+            );
+            assert!(
+                s.docs.get(*name).is_some_and(|d| !d.is_empty()),
+                "{name} has no help"
+            );
+            let samples = find(&s, name, &[]);
+            assert!(!samples.is_empty(), "{name} has no sample");
+            for sample in samples {
+                let mut got: Vec<&str> = sample.labels.keys().map(String::as_str).collect();
+                got.sort_unstable();
+                let mut want = labels.to_vec();
+                want.sort_unstable();
+                assert_eq!(got, want, "labels of {name}");
+            }
+        }
+        // And nothing else: the table above is the whole list.
+        let rendered: BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let listed: BTreeSet<&str> = FAMILIES.iter().map(|f| f.0).collect();
+        assert_eq!(rendered, listed);
+    }
+
+    #[test]
+    fn events_set_the_values_they_document() {
+        let (m, pc, sc) = (
+            Metrics::new(),
+            PipelineCounters::default(),
+            ShardCounters::default(),
+        );
+        emit_everything(&m, &pc, &sc);
+        let s = scrape(&m);
+        let (btree1, leaky2) = (
+            [("module", "btree@0.1.0"), ("shard", "1")],
+            [("module", "leaky@0.1.0"), ("shard", "2")],
+        );
+        assert_eq!(value(&s, "wagg_messages_received_total", &[]), 1.0);
+        assert_eq!(value(&s, "wagg_samples_received_total", &[]), 50.0);
+        assert_eq!(value(&s, "wagg_samples_routed_total", &[]), 150.0);
+        assert_eq!(value(&s, "wagg_late_samples_total", &[]), 3.0);
+        assert_eq!(value(&s, "wagg_unacked_deliveries", &[]), 0.0);
+        assert_eq!(value(&s, "wagg_flushed_watermark_seconds", &[]), 120.0);
+        assert_eq!(value(&s, "wagg_source_errors_total", &[("op", "ack")]), 1.0);
+        assert_eq!(value(&s, "wagg_shard_queue_depth", &[("shard", "1")]), 4.0);
+        assert_eq!(value(&s, "wagg_module_put_duration_seconds", &btree1), 1.0);
+        assert_eq!(value(&s, "wagg_module_live_series", &btree1), 42.0);
+        assert_eq!(
+            value(&s, "wagg_module_memory_peak_bytes", &btree1),
+            (2 << 20) as f64
+        );
+        assert_eq!(
+            value(&s, "wagg_points_flushed_total", &[("shard", "1")]),
+            7.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "wagg_module_failures_total",
+                &[leaky2[0], leaky2[1], ("kind", "memory_limit")]
+            ),
+            1.0
+        );
+        assert_eq!(value(&s, "wagg_module_fallbacks_total", &leaky2), 1.0);
+        assert_eq!(
+            value(
+                &s,
+                "wagg_swap_pause_seconds",
+                &[("module", "sorted@0.1.0"), ("shard", "0")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(&s, "wagg_sink_errors_total", &[("kind", "config")]),
+            1.0
+        );
+        assert_eq!(value(&s, "wagg_sink_pending_points", &[]), 9.0);
+        // 300 000 fuel for 1024 samples is 293 per sample: in (256, 512].
+        let fuel = find(&s, "wagg_module_fuel_per_sample", &btree1);
+        let Value::Histogram(buckets) = &fuel[0].value else {
+            panic!("{fuel:?}")
+        };
+        let count = |le: f64| buckets.iter().find(|b| b.less_than == le).unwrap().count;
+        assert_eq!((count(256.0), count(512.0)), (0.0, 1.0));
+
+        // The in-process counters moved with the metrics.
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(pc.messages.load(Relaxed), 1);
+        assert_eq!(pc.dead_lettered.load(Relaxed), 1);
+        assert_eq!(pc.duplicates.load(Relaxed), 1);
+        assert_eq!(pc.samples.load(Relaxed), 150);
+        assert_eq!(pc.late_samples.load(Relaxed), 3);
+        assert_eq!(pc.flushes.load(Relaxed), 1);
+        assert_eq!(pc.checkpoints.load(Relaxed), 1);
+        assert_eq!(pc.points_written.load(Relaxed), 7);
+        assert_eq!(pc.points_refused.load(Relaxed), 1);
+        assert_eq!(pc.sink_failures.load(Relaxed), 1);
+        assert_eq!(sc.samples.load(Relaxed), 1024);
+        assert_eq!(sc.batches.load(Relaxed), 1);
+        assert_eq!(sc.put_nanos.load(Relaxed), 200_000);
+        assert_eq!(sc.points.load(Relaxed), 7);
+        assert_eq!(sc.failures.load(Relaxed), 1);
+        assert_eq!(sc.live_series.load(Relaxed), 42);
+    }
+
+    #[test]
+    fn dead_letters_are_counted_by_reason_and_in_total() {
+        let (m, pc) = (Metrics::new(), PipelineCounters::default());
+        let e = std::io::Error::other("bad");
+        for reason in ["bad_json", "bad_json", "too_large"] {
+            MessageDeadLettered { reason, error: &e }.emit(&m, &pc);
+        }
+        let s = scrape(&m);
+        let by = |r| value(&s, "wagg_messages_dead_lettered_total", &[("reason", r)]);
+        assert_eq!((by("bad_json"), by("too_large")), (2.0, 1.0));
+        assert!(
+            find(
+                &s,
+                "wagg_messages_dead_lettered_total",
+                &[("reason", "bad_field")]
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            pc.dead_lettered.load(std::sync::atomic::Ordering::Relaxed),
+            3
+        );
+    }
+
+    #[test]
+    fn unacked_deliveries_count_up_to_the_next_ack() {
+        let (m, pc) = (Metrics::new(), PipelineCounters::default());
+        for _ in 0..5 {
+            MessageReceived.emit(&m, &pc);
+        }
+        assert_eq!(value(&scrape(&m), "wagg_unacked_deliveries", &[]), 5.0);
+        DeliveriesAcked.emit(&m);
+        MessageReceived.emit(&m, &pc);
+        assert_eq!(value(&scrape(&m), "wagg_unacked_deliveries", &[]), 1.0);
+        assert_eq!(value(&scrape(&m), "wagg_messages_received_total", &[]), 6.0);
+    }
+
+    #[test]
+    fn a_module_that_leaves_a_shard_leaves_no_stale_gauges() {
+        let (m, sc) = (Metrics::new(), ShardCounters::default());
+        let put = |module| BatchPut {
+            shard: 3,
+            module,
+            samples: 10,
+            batch_duration: Duration::ZERO,
+            put_duration: Duration::ZERO,
+            fuel: 1000,
+            memory: (65536, 65536),
+        };
+        put("hashmap@builtin").emit(&m, &sc);
+        ShardSwapped {
+            shard: 3,
+            from: "hashmap@builtin",
+            to: "btree@0.1.0",
+            rows: 1,
+            pause: Duration::from_micros(50),
+        }
+        .emit(&m);
+        put("btree@0.1.0").emit(&m, &sc);
+        let s = scrape(&m);
+        assert!(
+            find(
+                &s,
+                "wagg_module_memory_bytes",
+                &[("module", "hashmap@builtin")]
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            value(
+                &s,
+                "wagg_module_memory_bytes",
+                &[("module", "btree@0.1.0"), ("shard", "3")]
+            ),
+            65536.0
+        );
+        // Histograms and counters keep the old module's history.
+        assert_eq!(
+            value(
+                &s,
+                "wagg_module_put_duration_seconds",
+                &[("module", "hashmap@builtin"), ("shard", "3")]
+            ),
+            1.0
+        );
+
+        ModuleFailed {
+            shard: 3,
+            module: "btree@0.1.0",
+            kind: "trap",
+            error: &error(),
+            recovery: Recovery::FallBack("hashmap@builtin"),
+        }
+        .emit(&m, &sc);
+        assert!(
+            find(
+                &scrape(&m),
+                "wagg_module_memory_bytes",
+                &[("module", "btree@0.1.0")]
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn rollout_weight_and_states_follow_the_setters() {
+        let m = Metrics::new();
+        let state = |s: &Scrape| -> BTreeSet<(String, String)> {
+            find(s, "wagg_module_state", &[])
+                .into_iter()
+                .map(|x| {
+                    assert_eq!(x.value, Value::Gauge(1.0));
+                    (
+                        x.labels.get("module").unwrap().to_owned(),
+                        x.labels.get("state").unwrap().to_owned(),
+                    )
+                })
+                .collect()
+        };
+        let pairs = |p: &[(&str, &str)]| -> BTreeSet<(String, String)> {
+            p.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        m.set_rollout(25, Some("leaky@0.1.0"), "btree@0.1.0");
+        let s = scrape(&m);
+        assert_eq!(value(&s, "wagg_rollout_weight_percent", &[]), 25.0);
+        assert_eq!(
+            state(&s),
+            pairs(&[("btree@0.1.0", "incumbent"), ("leaky@0.1.0", "candidate")])
+        );
+
+        ModuleRolledBack {
+            module: "leaky@0.1.0",
+            reason: "memory_limit",
+            shards: 1,
+        }
+        .emit(&m);
+        m.set_rollout(0, None, "btree@0.1.0");
+        let s = scrape(&m);
+        assert_eq!(value(&s, "wagg_rollout_weight_percent", &[]), 0.0);
+        assert_eq!(
+            state(&s),
+            pairs(&[("btree@0.1.0", "incumbent"), ("leaky@0.1.0", "rolled_back")])
+        );
+        assert_eq!(
+            value(
+                &s,
+                "wagg_module_rollbacks_total",
+                &[("module", "leaky@0.1.0"), ("reason", "memory_limit")]
+            ),
+            1.0
+        );
+
+        // Promoting: the old incumbent's line goes, weights cap at 100.
+        m.set_rollout(200, Some("sorted@0.1.0"), "btree@0.1.0");
+        m.set_rollout(0, None, "sorted@0.1.0");
+        let s = scrape(&m);
+        assert_eq!(
+            state(&s),
+            pairs(&[
+                ("sorted@0.1.0", "incumbent"),
+                ("leaky@0.1.0", "rolled_back")
+            ])
+        );
+        m.set_rollout(200, Some("leaky@0.1.0"), "sorted@0.1.0");
+        let s = scrape(&m);
+        assert_eq!(value(&s, "wagg_rollout_weight_percent", &[]), 100.0);
+        assert_eq!(
+            state(&s),
+            pairs(&[("sorted@0.1.0", "incumbent"), ("leaky@0.1.0", "candidate")])
+        );
+    }
+
+    #[test]
+    fn each_metrics_has_its_own_registry() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        let pc = PipelineCounters::default();
+        MessageReceived.emit(&a, &pc);
+        assert_eq!(value(&scrape(&a), "wagg_messages_received_total", &[]), 1.0);
+        assert_eq!(value(&scrape(&b), "wagg_messages_received_total", &[]), 0.0);
+    }
+
+    #[test]
+    fn labels_are_only_the_low_cardinality_ones() {
+        let (m, pc, sc) = (
+            Metrics::new(),
+            PipelineCounters::default(),
+            ShardCounters::default(),
+        );
+        emit_everything(&m, &pc, &sc);
+        let allowed = ["module", "shard", "reason", "kind", "op", "state"];
+        for sample in scrape(&m).samples {
+            for name in sample.labels.keys() {
+                assert!(
+                    allowed.contains(&name.as_str()),
+                    "{} has label {name}",
+                    sample.metric
+                );
+            }
+        }
+    }
 }

@@ -108,9 +108,8 @@ impl LoadgenReport {
                 count: *count,
             })
             .collect();
-        per_customer.sort_by(|a, b| {
-            (a.customer, &a.pop, a.bucket).cmp(&(b.customer, &b.pop, b.bucket))
-        });
+        per_customer
+            .sort_by(|a, b| (a.customer, &a.pop, a.bucket).cmp(&(b.customer, &b.pop, b.bucket)));
         LoadgenReport {
             messages: t.messages,
             metrics: t.metrics,

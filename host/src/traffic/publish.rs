@@ -55,7 +55,8 @@ pub struct Target {
     pub persistent: bool,
 }
 
-type SendFuture = Pin<Box<dyn Future<Output = Result<lapin::PublisherConfirm, SourceError>> + Send>>;
+type SendFuture =
+    Pin<Box<dyn Future<Output = Result<lapin::PublisherConfirm, SourceError>> + Send>>;
 
 enum InFlight {
     Sending(SendFuture),
@@ -103,7 +104,10 @@ impl Publisher {
         let exchange = short(&target.exchange, "exchange")?;
         let routing_key = short(&target.routing_key, "routing key")?;
         let connection = connect(&target.uri, name).await?;
-        check_exchange(&connection, &target.exchange).await?;
+        if let Err(e) = check_exchange(&connection, &target.exchange).await {
+            let _ = connection.close(200, "no such exchange".into()).await;
+            return Err(e);
+        }
         let channel = connection
             .create_channel()
             .await
@@ -120,8 +124,11 @@ impl Publisher {
             channel,
             exchange,
             routing_key,
-            properties: BasicProperties::default()
-                .with_delivery_mode(if target.persistent { 2 } else { 1 }),
+            properties: BasicProperties::default().with_delivery_mode(if target.persistent {
+                2
+            } else {
+                1
+            }),
             tx: Some(tx),
             confirmer: Some(confirmer),
             counts,

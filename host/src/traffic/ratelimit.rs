@@ -32,7 +32,11 @@ impl TokenBucket {
     /// `now`. A non-finite or non-positive `rate` is taken as unlimited
     /// (every `take` returns zero); `burst` is at least one token.
     pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
-        let burst = if burst.is_finite() { burst.max(1.0) } else { 1.0 };
+        let burst = if burst.is_finite() {
+            burst.max(1.0)
+        } else {
+            1.0
+        };
         TokenBucket {
             rate,
             burst,

@@ -112,7 +112,10 @@ impl Recorder {
         let key = ShortString::try_new(binding_key.as_str())
             .map_err(|_| TrafficError::Config("the binding key is over 255 bytes".into()))?;
         let connection = connect(&source.uri, "wagg record").await?;
-        check_exchange(&connection, &source.exchange).await?;
+        if let Err(e) = check_exchange(&connection, &source.exchange).await {
+            let _ = connection.close(200, "no such exchange".into()).await;
+            return Err(e);
+        }
         let channel = connection
             .create_channel()
             .await
@@ -189,7 +192,9 @@ impl Recorder {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
         let mut last = (Instant::now(), 0u64);
-        let deadline = limits.duration.map(|d| tokio::time::Instant::from_std(started + d));
+        let deadline = limits
+            .duration
+            .map(|d| tokio::time::Instant::from_std(started + d));
         let result = loop {
             if limits.count.is_some_and(|c| messages >= c)
                 || limits.max_bytes.is_some_and(|m| writer.bytes() >= m)
@@ -234,10 +239,7 @@ impl Recorder {
             }
         };
         writer.flush()?;
-        let _ = self
-            .connection
-            .close(200, "wagg record done".into())
-            .await;
+        let _ = self.connection.close(200, "wagg record done".into()).await;
         result?;
         Ok(RecordReport {
             messages,

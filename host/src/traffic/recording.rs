@@ -459,7 +459,9 @@ mod tests {
         let records: Vec<Record> = (0..n)
             .map(|i| Record {
                 offset_micros: i * 1000,
-                body: format!("message number {i}").repeat(i as usize % 4 + 1).into_bytes(),
+                body: format!("message number {i}")
+                    .repeat(i as usize % 4 + 1)
+                    .into_bytes(),
             })
             .collect();
         for r in &records {
@@ -561,7 +563,10 @@ mod tests {
         std::fs::write(&path, b"{\"pop\":\"lga\"}\n").unwrap();
         let err = RecordingReader::open(&path).unwrap_err();
         assert!(matches!(err, RecordingError::NotARecording { .. }), "{err}");
-        assert!(RecordingWriter::open(&path).is_err(), "no append to a foreign file");
+        assert!(
+            RecordingWriter::open(&path).is_err(),
+            "no append to a foreign file"
+        );
         let mut h = header();
         h[8] = 9;
         std::fs::write(&path, h).unwrap();
