@@ -5,7 +5,7 @@
 //! and the rollout are checked unchanged.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -54,10 +54,19 @@ impl Source for Paced {
 }
 
 /// Compiled modules shared by every test's runtime (keyed by engine and
-/// module hash, so sharing is safe): each test does not recompile the
-/// built-ins.
+/// module hash, so sharing is safe). The first test to get here compiles
+/// the built-ins into it while the others wait, instead of every test
+/// compiling them at once.
 fn compile_cache() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join("admin-compiled")
+    static WARM: OnceLock<PathBuf> = OnceLock::new();
+    WARM.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("admin-compiled");
+        let runtime = Runtime::new(RuntimeLimits::default(), Some(&dir)).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        Registry::open(scratch.path(), runtime).unwrap();
+        dir
+    })
+    .clone()
 }
 
 /// A host as `wagg run` assembles it: pipeline, controller, admin API.
@@ -75,7 +84,8 @@ struct Host {
 
 impl Host {
     async fn start(data_dir: &Path, shards: u32, token: Option<&str>) -> Host {
-        let runtime = Runtime::new(RuntimeLimits::default(), Some(&compile_cache())).unwrap();
+        let cache = tokio::task::spawn_blocking(compile_cache).await.unwrap();
+        let runtime = Runtime::new(RuntimeLimits::default(), Some(&cache)).unwrap();
         let registry = {
             let (dir, rt) = (data_dir.to_path_buf(), runtime.clone());
             tokio::task::spawn_blocking(move || Registry::open(&dir, rt))

@@ -3,7 +3,7 @@
 //! query API, compared exactly with totals computed here from what was
 //! published — independently of wagg's router.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -15,96 +15,17 @@ use wagg::shard::Assignment;
 use wagg::sink::{OpenTsdbConfig, Sink, SinkConfig};
 use wagg::source::amqp::{AmqpPublisher, AmqpSource};
 use wagg::source::generator::{Generator, GeneratorConfig};
-use wagg::source::json::{Decoder as _, JsonDecoder, Message};
+use wagg::source::json::{Decoder as _, JsonDecoder};
 use wagg::telemetry::Metrics;
 use wagg_tests::VictoriaMetrics;
 
 use crate::amqp::{KEY, Names, ready};
+use crate::harness::{compare, expected, read_back};
 
 const WIDTH: u32 = 60;
 /// Event times in the past: VictoriaMetrics hides nothing, and no wall
 /// clock decides what is late.
 const T0: u64 = 1_764_000_000;
-
-/// (sorted tags, bucket start) → total.
-type Totals = HashMap<(BTreeMap<String, String>, u64), f64>;
-
-/// Totals every rollup should have, computed from the published messages.
-fn expected(bodies: &[Vec<u8>]) -> Totals {
-    let mut totals = Totals::new();
-    let clean = |s: &str| -> String {
-        s.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "-_./".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect()
-    };
-    for body in bodies {
-        let msg: Message = serde_json::from_slice(body).unwrap();
-        let bucket = msg.time - msg.time % u64::from(WIDTH);
-        for m in &msg.metrics {
-            let c = m.customer.to_string();
-            let rollups: [Vec<(&str, String)>; 3] = [
-                vec![
-                    ("customer", c.clone()),
-                    ("pop", clean(&msg.pop)),
-                    ("rollup", "customer".into()),
-                ],
-                vec![
-                    ("customer", c.clone()),
-                    ("zone", clean(&m.zone)),
-                    ("pop", clean(&msg.pop)),
-                    ("rollup", "zone".into()),
-                ],
-                vec![
-                    ("customer", c.clone()),
-                    ("zone", clean(&m.zone)),
-                    ("record", clean(&m.record)),
-                    ("type", clean(&m.rtype)),
-                    ("pop", clean(&msg.pop)),
-                    ("rollup", "record".into()),
-                ],
-            ];
-            for tags in rollups {
-                let tags = tags.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-                *totals.entry((tags, bucket)).or_default() += m.count;
-            }
-        }
-    }
-    totals
-}
-
-async fn read_back(vm: &VictoriaMetrics) -> Totals {
-    vm.force_flush().await;
-    let mut got = Totals::new();
-    for series in vm.export("dns.queries").await {
-        for (ts, v) in series.points {
-            let prev = got.insert((series.tags.clone(), ts), v);
-            assert!(prev.is_none(), "point written twice under one key");
-        }
-    }
-    got
-}
-
-fn compare(got: &Totals, want: &Totals) {
-    let missing = want.keys().filter(|k| !got.contains_key(*k)).count();
-    let extra = got.keys().filter(|k| !want.contains_key(*k)).count();
-    let differ: Vec<_> = want
-        .iter()
-        .filter(|(k, v)| got.get(*k).is_some_and(|g| g != *v))
-        .take(5)
-        .collect();
-    assert!(
-        missing == 0 && extra == 0 && differ.is_empty(),
-        "{} points expected, {} read: {missing} missing, {extra} extra, first differing: {differ:?}",
-        want.len(),
-        got.len()
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_totals_arrive_exactly_and_malformed_messages_are_dead_lettered() {
@@ -182,7 +103,7 @@ async fn published_totals_arrive_exactly_and_malformed_messages_are_dead_lettere
         metrics: metrics.clone(),
     };
     let counters = Arc::new(PipelineCounters::default());
-    let want = expected(&bodies);
+    let want = expected(&bodies, WIDTH);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(pipeline::run(
         parts,
@@ -256,4 +177,90 @@ async fn published_totals_arrive_exactly_and_malformed_messages_are_dead_lettere
     assert_eq!(metric("wagg_points_written_total", &[]), got.len() as f64);
     assert_eq!(metric("wagg_late_samples_total", &[]), 0.0);
     assert_eq!(metric("wagg_unacked_deliveries", &[]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_open_buckets_from_the_checkpoint_exactly() {
+    use crate::harness::{Running, Setup};
+    wagg_tests::require_rabbitmq();
+    let vm = VictoriaMetrics::start().await;
+    let names = Names::new("restart");
+    let _cleanup = names.cleanup(&[]);
+    let data = tempfile::tempdir().unwrap();
+    let setup = || Setup {
+        amqp: names.config(),
+        sink_url: vm.opentsdb_url(),
+        data_dir: data.path(),
+        shards: 2,
+        incumbent: "hashmap",
+        limits: wagg::runtime::RuntimeLimits::default(),
+        admin: wagg::admin::AdminConfig::default(),
+    };
+    let mut generator = Generator::new(
+        GeneratorConfig {
+            customers: 100,
+            metrics_per_message: 30,
+            seed: 9,
+            ..GeneratorConfig::default()
+        },
+        WIDTH,
+    )
+    .unwrap();
+    // One stream over three buckets, cut in the middle of the second.
+    let bodies: Vec<Vec<u8>> = (0..400u64)
+        .map(|i| generator.message(T0 + i * 180 / 400))
+        .collect();
+    let (first, second) = bodies.split_at(230);
+    let publisher = AmqpPublisher::connect(&names.config().uri, &names.exchange())
+        .await
+        .unwrap();
+    let publish = |part: &[Vec<u8>]| {
+        part.iter()
+            .map(|b| (KEY.to_string(), b.clone()))
+            .collect::<Vec<_>>()
+    };
+
+    // The pipeline declares the exchange and queue.
+    let running = Running::start(setup()).await;
+    publisher.publish_many(publish(first)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running.counters.messages.load(Ordering::Relaxed) < first.len() as u64 {
+        assert!(Instant::now() < deadline, "first half not consumed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A clean stop flushes only complete buckets; the open ones stay in
+    // the checkpoint and every message is acknowledged.
+    running.stop().await;
+    assert_eq!(ready(&names.queue()).await, 0);
+    let checkpoint = wagg::pipeline::checkpoint::CheckpointStore::new(data.path())
+        .load()
+        .unwrap()
+        .unwrap();
+    assert!(
+        !checkpoint.rows.is_empty(),
+        "the open buckets were not checkpointed"
+    );
+
+    publisher.publish_many(publish(second)).await.unwrap();
+    let running = Running::start(setup()).await;
+    let want = expected(&bodies, WIDTH);
+    // Points of complete buckets written before the restart are not counted
+    // by the new process: wait for the sink to hold all of them instead.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = read_back(&vm).await;
+        if got.len() >= want.len() {
+            running.stop().await;
+            compare(&got, &want);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} points after the restart",
+            got.len(),
+            want.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    compare(&read_back(&vm).await, &want);
 }

@@ -428,17 +428,8 @@ impl Controller {
         if state.rollout.candidate.as_deref() != Some(module) {
             return;
         }
-        let now = Instant::now();
         let window = Duration::from_secs(self.config.breaker_window_secs);
-        state.candidate_failures.push_back(now);
-        while state
-            .candidate_failures
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > window)
-        {
-            state.candidate_failures.pop_front();
-        }
-        let count = state.candidate_failures.len() as u32;
+        let count = record_failure(&mut state.candidate_failures, Instant::now(), window);
         if count >= self.config.breaker_failures {
             let reason = format!(
                 "circuit breaker: {count} failures within {}s, last on shard {shard}: {kind}: {error}",
@@ -518,6 +509,18 @@ impl Controller {
     }
 }
 
+/// Adds a failure at `now` and returns how many fell within `window`.
+fn record_failure(failures: &mut VecDeque<Instant>, now: Instant, window: Duration) -> u32 {
+    failures.push_back(now);
+    while failures
+        .front()
+        .is_some_and(|t| now.duration_since(*t) > window)
+    {
+        failures.pop_front();
+    }
+    failures.len() as u32
+}
+
 fn resolve<'a>(registry: &'a Registry, key: &str) -> Result<&'a ModuleRecord, AdminError> {
     registry
         .resolve(key)
@@ -570,5 +573,31 @@ async fn breaker(
                 .on_failure(shard, &module, kind, &error, fell_back)
                 .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_breaker_counts_failures_within_its_window_only() {
+        let window = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let mut f = VecDeque::new();
+        assert_eq!(record_failure(&mut f, t0, window), 1);
+        assert_eq!(
+            record_failure(&mut f, t0 + Duration::from_secs(30), window),
+            2
+        );
+        // The first one is now out of the window.
+        assert_eq!(
+            record_failure(&mut f, t0 + Duration::from_secs(61), window),
+            2
+        );
+        assert_eq!(
+            record_failure(&mut f, t0 + Duration::from_secs(200), window),
+            1
+        );
     }
 }
