@@ -507,7 +507,7 @@ async fn run_pipeline(cfg: Config) -> anyhow::Result<()> {
         control: Some(control_rx),
         decoder: Arc::new(JsonDecoder::new(cfg.decode)),
         sink: Arc::new(sink),
-        metrics,
+        metrics: metrics.clone(),
     };
     let source = AmqpSource::connect(cfg.source.amqp.clone())
         .await
@@ -535,6 +535,7 @@ async fn run_pipeline(cfg: Config) -> anyhow::Result<()> {
         events_rx,
         cfg.admin.clone(),
         &data_dir,
+        metrics.clone(),
     )
     .await
     .context("cannot apply the saved rollout")?;

@@ -173,6 +173,7 @@ impl Host {
             events_rx,
             AdminConfig::default(),
             data_dir,
+            metrics.clone(),
         )
         .await
         .unwrap();
@@ -372,6 +373,13 @@ async fn changes_without_the_right_token_are_refused_with_401_and_change_nothing
             assert_eq!(body.status, 401);
         }
     }
+    // A refused call with a body leaves it unread, and the server drops the
+    // connection: it says so, so a pooling client does not send its next
+    // call there and lose it (what broke: the call after a refused upload
+    // failed with "connection closed before message completed").
+    let refused = calls().into_iter().next().unwrap().send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(refused.headers()["connection"], "close");
     // The CLI's client says what to do.
     let (status, _) = api_status(host.client(Some("wrong")).promote().await);
     assert_eq!(status, 401);

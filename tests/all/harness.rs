@@ -122,6 +122,7 @@ pub(crate) struct Setup<'a> {
 pub(crate) struct Running {
     pub counters: Arc<PipelineCounters>,
     pub controller: Arc<Controller>,
+    pub metrics: Arc<wagg::telemetry::Metrics>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), PipelineError>>>,
 }
@@ -140,6 +141,7 @@ impl Running {
             .assignment(&registry.resolve("hashmap@builtin").unwrap().id)
             .unwrap();
         let (control, control_rx) = PipelineControl::new(setup.shards);
+        let metrics = wagg::telemetry::Metrics::new();
         let events = broadcast::channel(1024).0;
         let events_rx = events.subscribe();
         let parts = Parts {
@@ -165,7 +167,7 @@ impl Running {
                 Sink::from_config(&SinkConfig::OpenTsdb(OpenTsdbConfig::new(setup.sink_url)))
                     .unwrap(),
             ),
-            metrics: wagg::telemetry::Metrics::new(),
+            metrics: metrics.clone(),
         };
         let source = AmqpSource::connect(setup.amqp).await.unwrap();
         let counters = Arc::new(PipelineCounters::default());
@@ -186,12 +188,14 @@ impl Running {
             events_rx,
             setup.admin,
             setup.data_dir,
+            metrics.clone(),
         )
         .await
         .unwrap();
         Running {
             counters,
             controller,
+            metrics,
             stop: Some(stop),
             task: Some(task),
         }

@@ -153,6 +153,25 @@ async fn leaky_at_25_percent_is_rolled_back_by_the_breaker_and_totals_stay_exact
     let rollout = c.rollout().await;
     assert!(rollout.candidate.is_none());
     assert!(rollout.shards.iter().all(|s| *s == rollout.incumbent.id));
+    // The event is on /metrics too.
+    let text = running.metrics.render();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("wagg_module_rollbacks_total")
+                && l.contains(r#"module="leaky@builtin""#)
+                && l.contains(r#"reason="memory_limit""#)),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("wagg_module_state")
+            && l.contains(r#"module="leaky@builtin""#)
+            && l.contains(r#"state="rolled_back""#)),
+        "no rolled_back state"
+    );
+    assert!(
+        text.contains("wagg_rollout_weight_percent 0"),
+        "weight not reset"
+    );
     running.stop().await;
     compare(&read_back(&vm).await, &want);
 }

@@ -94,7 +94,6 @@ impl ClientError {
 fn hint(status: u16) -> &'static str {
     match status {
         401 => "; pass the admin token with --token or WAGG_ADMIN_TOKEN",
-        413 => "; the host's limit is [admin] max_body_bytes",
         _ => "",
     }
 }

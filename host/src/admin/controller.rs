@@ -27,6 +27,8 @@ use super::{AdminConfig, AdminError};
 use crate::pipeline::PipelineControl;
 use crate::runtime::cache::write_atomic;
 use crate::shard::{Assignment, ShardEvent};
+use crate::telemetry::Metrics;
+use crate::telemetry::events::ModuleRolledBack;
 
 /// The rollout as saved on disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +113,7 @@ pub struct Controller {
     config: AdminConfig,
     path: PathBuf,
     fallback: String,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -171,6 +174,7 @@ impl Controller {
         events: broadcast::Receiver<ShardEvent>,
         config: AdminConfig,
         data_dir: &Path,
+        metrics: Arc<Metrics>,
     ) -> Result<Arc<Controller>, AdminError> {
         let path = rollout_path(data_dir);
         let saved = read_rollout(&path)?;
@@ -195,7 +199,12 @@ impl Controller {
             config,
             path,
             fallback,
+            metrics,
         });
+        {
+            let state = controller.state.lock().await;
+            controller.publish(&state);
+        }
         if let Some(saved) = saved
             && let Some(candidate) = saved.candidate
         {
@@ -347,7 +356,8 @@ impl Controller {
         state.candidate_failures.clear();
         if let Err(e) = self.apply(&mut state).await {
             let reason = format!("failed to take over a shard: {e}");
-            self.roll_back_locked(&mut state, &reason).await?;
+            self.roll_back_locked(&mut state, "swap_failed", &reason)
+                .await?;
             return Err(AdminError::SwapFailed(reason));
         }
         self.save(&state)?;
@@ -370,7 +380,8 @@ impl Controller {
         state.rollout.weight = 100;
         if let Err(e) = self.apply(&mut state).await {
             let reason = format!("failed to take over a shard: {e}");
-            self.roll_back_locked(&mut state, &reason).await?;
+            self.roll_back_locked(&mut state, "swap_failed", &reason)
+                .await?;
             return Err(AdminError::SwapFailed(reason));
         }
         state.rollout = Rollout {
@@ -400,7 +411,7 @@ impl Controller {
                 "there is no candidate to roll back".into(),
             ));
         }
-        self.roll_back_locked(&mut state, reason).await?;
+        self.roll_back_locked(&mut state, "manual", reason).await?;
         Ok(view(&state))
     }
 
@@ -436,16 +447,29 @@ impl Controller {
                 self.config.breaker_window_secs
             );
             tracing::error!(module, reason = %reason, "Rolling the candidate back.");
-            if let Err(e) = self.roll_back_locked(&mut state, &reason).await {
+            if let Err(e) = self.roll_back_locked(&mut state, kind, &reason).await {
                 tracing::error!(error = %e, "Automatic rollback failed; an operator must act.");
             }
         }
     }
 
-    async fn roll_back_locked(&self, state: &mut State, reason: &str) -> Result<(), AdminError> {
+    /// Rolls the candidate back; `code` is the low-cardinality reason for
+    /// the metric (a failure kind, `manual`, `swap_failed`).
+    async fn roll_back_locked(
+        &self,
+        state: &mut State,
+        code: &str,
+        reason: &str,
+    ) -> Result<(), AdminError> {
         let Some(candidate) = state.rollout.candidate.take() else {
             return Ok(());
         };
+        let label = state
+            .registry
+            .get(&candidate)
+            .map(|r| r.label())
+            .unwrap_or_default();
+        let shards = state.shards.iter().filter(|s| **s == candidate).count();
         state.rollout.weight = 0;
         state.candidate_failures.clear();
         state
@@ -454,6 +478,12 @@ impl Controller {
         let result = self.apply(state).await;
         self.save(state)?;
         tracing::warn!(module = %candidate, reason, "Candidate rolled back.");
+        ModuleRolledBack {
+            module: &label,
+            reason: code,
+            shards,
+        }
+        .emit(&self.metrics);
         result
     }
 
@@ -501,7 +531,25 @@ impl Controller {
         Ok(())
     }
 
+    /// Shows the rollout on `/metrics`.
+    fn publish(&self, state: &State) {
+        let label = |id: &str| {
+            state
+                .registry
+                .get(id)
+                .map(|r| r.label())
+                .unwrap_or_default()
+        };
+        let candidate = state.rollout.candidate.as_deref().map(label);
+        self.metrics.set_rollout(
+            state.rollout.weight,
+            candidate.as_deref(),
+            &label(&state.rollout.incumbent),
+        );
+    }
+
     fn save(&self, state: &State) -> Result<(), AdminError> {
+        self.publish(state);
         let bytes = serde_json::to_vec_pretty(&state.rollout)
             .map_err(|e| AdminError::Storage(e.to_string()))?;
         write_atomic(&self.path, &bytes)

@@ -40,7 +40,9 @@
 //! over the limit is refused before a byte of the body is read, and a body
 //! without one (chunked) is read only up to the limit. Handlers check
 //! everything else first (token, query, content type), so a refused call
-//! reads no body at all.
+//! reads no body at all. Every answer to a call with a body says
+//! `Connection: close`: the server drops a connection whose body it left
+//! unread, and a client must not send its next call there.
 //!
 //! # Readiness
 //!
@@ -286,13 +288,19 @@ impl From<AdminError> for ApiError {
     }
 }
 
+/// A refusal's message, kept on the response for the log line.
+#[derive(Debug, Clone)]
+struct Refusal(String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let refusal = Refusal(self.message.clone());
         let body = ErrorBody {
             error: self.message,
             status: self.status.as_u16(),
         };
         let mut response = (self.status, Json(body)).into_response();
+        response.extensions_mut().insert(refusal);
         if let Some(challenge) = self.www_authenticate {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -348,18 +356,40 @@ async fn authenticate(State(state): State<AdminState>, request: Request, next: N
         return next.run(request).await;
     }
     let path = request.uri().path().to_owned();
-    if let Err(e) = state.authorize(request.headers()) {
-        tracing::warn!(%method, path, status = e.status.as_u16(), reason = %e.message, "Refused an admin call.");
-        return e.into_response();
+    let has_body = has_body(request.headers());
+    let mut response = match state.authorize(request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
+    };
+    if has_body {
+        // A refused call leaves its body unread, and the server then drops
+        // the connection; without this header a client could send its next
+        // call on that connection and lose it. Changes are rare: closing
+        // after every call with a body costs nothing.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    let response = next.run(request).await;
     let status = response.status().as_u16();
     if response.status().is_success() {
         tracing::info!(%method, path, status, "Admin call done.");
     } else {
-        tracing::warn!(%method, path, status, "Admin call refused.");
+        let reason = response
+            .extensions()
+            .get::<Refusal>()
+            .map_or("", |r| r.0.as_str());
+        tracing::warn!(%method, path, status, reason, "Admin call refused.");
     }
     response
+}
+
+/// Whether a request comes with a body (declared length above 0, or
+/// chunked).
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
 }
 
 async fn healthz() -> Json<serde_json::Value> {
