@@ -1,7 +1,7 @@
 //! Every wasmtime setting wagg uses, in one place.
 //!
 //! A module runs with two hard limits, both per instance: a cap on its linear
-//! memory (enforced by [`Limiter`](super::instance) on every `memory.grow`)
+//! memory (enforced by the store's limiter on every `memory.grow`)
 //! and a CPU budget per call, counted in fuel. Fuel costs ~4 % of `put`
 //! throughput on this workload, an epoch deadline ~9 %, and fuel is
 //! deterministic: the same batch costs the same fuel on a busy machine, so a
