@@ -92,6 +92,35 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Run a module in shadow beside the incumbent (its output is compared,
+    /// never written), or stop the shadow.
+    Shadow {
+        /// The module (`name@version`, name, id); omit with `--stop`.
+        #[arg(required_unless_present = "stop")]
+        candidate: Option<String>,
+        /// Shards to shadow, e.g. `2,3` (default: every incumbent shard).
+        #[arg(long, value_delimiter = ',', conflicts_with = "share")]
+        shards: Option<Vec<u32>>,
+        /// Share of the incumbent's shards to shadow, percent.
+        #[arg(long)]
+        share: Option<u8>,
+        /// Stop the shadow.
+        #[arg(long, conflicts_with_all = ["candidate", "shards", "share"])]
+        stop: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print the A/B report of the running shadow against the incumbent.
+    Ab {
+        /// Refresh every this many seconds until Ctrl-C.
+        #[arg(long, value_name = "SECONDS")]
+        watch: Option<u64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Take the candidate off every shard of a running host.
     Rollback {
         /// Why, recorded with the module (shown by `wagg module list`).
@@ -262,6 +291,43 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .context("the candidate was not promoted")?;
             print!("{}", admin_client::rollout_summary(&view));
             Ok(())
+        }
+        Command::Shadow {
+            candidate,
+            shards,
+            share,
+            stop,
+            admin,
+        } => {
+            let client = admin.client()?;
+            let rt = tokio_runtime()?;
+            let answer = match candidate {
+                Some(c) if !stop => rt.block_on(client.start_shadow(&c, shards, share)),
+                _ => rt.block_on(client.stop_shadow()),
+            }
+            .context("the shadow was not changed")?;
+            println!("{answer}");
+            Ok(())
+        }
+        Command::Ab { watch, json, admin } => {
+            let client = admin.client()?;
+            let rt = tokio_runtime()?;
+            loop {
+                let report = rt.block_on(client.ab()).context("no A/B report")?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    if watch.is_some() {
+                        // Clear the screen so the table stays in place.
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    print!("{}", admin_client::ab_table(&report));
+                }
+                match watch {
+                    Some(secs) => std::thread::sleep(Duration::from_secs(secs.max(1))),
+                    None => return Ok(()),
+                }
+            }
         }
         Command::Rollback { reason, admin } => {
             let client = admin.client()?;

@@ -1,8 +1,11 @@
 //! wagg's end-to-end tests: one binary, a module per feature. Run
 //! `bash tests/setup.sh` first on a fresh machine.
 
+mod ack_ledger;
 mod admin;
 mod amqp;
+mod bad_input;
+mod faults;
 mod harness;
 mod pipeline;
 mod rollout;

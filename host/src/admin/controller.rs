@@ -68,6 +68,8 @@ pub enum ModuleState {
     Incumbent,
     /// Runs on its share of shards.
     Candidate,
+    /// Runs in shadow beside the incumbent.
+    Shadow,
     /// Rolled back (see `reason`).
     RolledBack,
     /// Registered, not running.
@@ -103,6 +105,10 @@ struct State {
     candidate_failures: VecDeque<Instant>,
     /// Failures by module id and kind.
     failures: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The shadow module and the shards it runs on.
+    shadow: Option<(String, Vec<u32>)>,
+    /// Rows a module's shadow flushes disagreed on, by module id.
+    diverged: BTreeMap<String, u64>,
 }
 
 /// Owns the registry and the rollout; every change goes through here, one
@@ -194,6 +200,8 @@ impl Controller {
                 shards: vec![incumbent.to_string(); n],
                 candidate_failures: VecDeque::new(),
                 failures: BTreeMap::new(),
+                shadow: None,
+                diverged: BTreeMap::new(),
             }),
             control,
             config,
@@ -273,6 +281,8 @@ impl Controller {
                     ModuleState::Incumbent
                 } else if state.rollout.candidate.as_deref() == Some(id) {
                     ModuleState::Candidate
+                } else if state.shadow.as_ref().is_some_and(|(m, _)| m == id) {
+                    ModuleState::Shadow
                 } else if record.rolled_back.is_some() {
                     ModuleState::RolledBack
                 } else {
@@ -303,6 +313,7 @@ impl Controller {
         if id == state.rollout.incumbent
             || state.rollout.candidate.as_deref() == Some(id.as_str())
             || state.shards.contains(&id)
+            || state.shadow.as_ref().is_some_and(|(m, _)| *m == id)
         {
             return Err(AdminError::Conflict(
                 "the module is in use; roll it back or promote another first".into(),
@@ -413,6 +424,125 @@ impl Controller {
         }
         self.roll_back_locked(&mut state, "manual", reason).await?;
         Ok(view(&state))
+    }
+
+    /// Runs `candidate` in shadow beside the incumbent on `shards`, or on
+    /// `share` percent of the shards that run the incumbent (counted from the
+    /// last shard, away from a candidate's share). A shadow already running
+    /// is replaced.
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError::BadRequest`] for no or unknown shards or the incumbent
+    /// as shadow, [`AdminError::NotFound`], [`AdminError::SwapFailed`] if the
+    /// shadow cannot start (those that started are stopped again).
+    pub async fn start_shadow(
+        &self,
+        candidate: &str,
+        shards: Option<Vec<u32>>,
+        share: Option<u8>,
+    ) -> Result<Vec<u32>, AdminError> {
+        let mut state = self.state.lock().await;
+        let id = resolve(&state.registry, candidate)?.id.clone();
+        if id == state.rollout.incumbent {
+            return Err(AdminError::BadRequest("the incumbent cannot shadow itself; upload a copy to compare a module with itself".into()));
+        }
+        let n = state.shards.len() as u32;
+        let on_incumbent: Vec<u32> = (0..n)
+            .rev()
+            .filter(|&i| state.shards[i as usize] == state.rollout.incumbent)
+            .collect();
+        let shards = match (shards, share) {
+            (Some(list), _) => {
+                if let Some(bad) = list.iter().find(|&&i| i >= n) {
+                    return Err(AdminError::BadRequest(format!("no shard {bad} (there are {n})")));
+                }
+                list
+            }
+            (None, Some(share)) if share <= 100 => {
+                let k = ((u32::from(share) * n).div_ceil(100)) as usize;
+                on_incumbent.into_iter().take(k).collect()
+            }
+            (None, Some(share)) => return Err(AdminError::BadRequest(format!("share {share} is over 100"))),
+            (None, None) => on_incumbent,
+        };
+        if shards.is_empty() {
+            return Err(AdminError::BadRequest("no shard to shadow".into()));
+        }
+        self.stop_shadow_locked(&mut state).await?;
+        let to = state.registry.assignment(&id).ok_or_else(|| AdminError::NotFound(id.clone()))?;
+        for (k, &shard) in shards.iter().enumerate() {
+            match self.control.shadow(shard, Some(to.clone())).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    for &started in &shards[..k] {
+                        let _ = self.control.shadow(started, None).await;
+                    }
+                    return Err(AdminError::SwapFailed(format!("shadow on shard {shard}: {e}")));
+                }
+                Err(_) => return Err(AdminError::NotRunning),
+            }
+        }
+        tracing::info!(module = %to.label, ?shards, "Shadow started.");
+        state.diverged.remove(&id);
+        state.shadow = Some((id, shards.clone()));
+        Ok(shards)
+    }
+
+    /// Stops the shadow (its report goes with it).
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError::NotRunning`].
+    pub async fn stop_shadow(&self) -> Result<(), AdminError> {
+        let mut state = self.state.lock().await;
+        self.stop_shadow_locked(&mut state).await
+    }
+
+    async fn stop_shadow_locked(&self, state: &mut State) -> Result<(), AdminError> {
+        if let Some((_, shards)) = state.shadow.take() {
+            for shard in shards {
+                self.control.shadow(shard, None).await.map_err(|_| AdminError::NotRunning)?.ok();
+            }
+        }
+        Ok(())
+    }
+
+    /// The A/B report of the running (or last stopped-by-failure) shadow.
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError::Conflict`] without a shadow, [`AdminError::NotRunning`].
+    pub async fn ab_report(&self) -> Result<super::ab::AbReport, AdminError> {
+        if self.state.lock().await.shadow.is_none() {
+            return Err(AdminError::Conflict("no shadow is running; start one with PUT /shadow".into()));
+        }
+        let reports = self.control.shadow_reports().await.map_err(|_| AdminError::NotRunning)?;
+        Ok(super::ab::report(&reports))
+    }
+
+    /// Counts a shadow's disagreement; rolls the module back if it is the
+    /// candidate and the configured threshold is reached.
+    async fn on_divergence(&self, shard: u32, module: &str, rows: u64) {
+        let mut state = self.state.lock().await;
+        let total = {
+            let t = state.diverged.entry(module.to_string()).or_default();
+            *t += rows;
+            *t
+        };
+        let Some(threshold) = self.config.rollback_on_divergence else {
+            return;
+        };
+        if state.rollout.candidate.as_deref() != Some(module) || total < threshold {
+            return;
+        }
+        let reason = format!(
+            "shadow divergence: {total} rows differed from the incumbent (threshold {threshold}), last on shard {shard}"
+        );
+        tracing::error!(module, reason = %reason, "Rolling the candidate back.");
+        if let Err(e) = self.roll_back_locked(&mut state, "divergence", &reason).await {
+            tracing::error!(error = %e, "Automatic rollback failed; an operator must act.");
+        }
     }
 
     /// Counts a module failure; rolls the candidate back when the breaker
@@ -609,17 +739,24 @@ async fn breaker(
         let Some(controller) = controller.upgrade() else {
             return;
         };
-        if let ShardEvent::ModuleFailed {
-            shard,
-            module,
-            kind,
-            error,
-            fell_back,
-        } = event
-        {
-            controller
-                .on_failure(shard, &module, kind, &error, fell_back)
-                .await;
+        match event {
+            ShardEvent::ModuleFailed {
+                shard,
+                module,
+                kind,
+                error,
+                fell_back,
+            } => {
+                controller
+                    .on_failure(shard, &module, kind, &error, fell_back)
+                    .await;
+            }
+            ShardEvent::ShadowDiverged {
+                shard,
+                module,
+                rows,
+            } => controller.on_divergence(shard, &module, rows).await,
+            ShardEvent::Swapped { .. } => {}
         }
     }
 }

@@ -322,6 +322,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/rollout", get(show_rollout).put(set_rollout))
         .route("/rollout/promote", post(promote))
         .route("/rollout/rollback", post(rollback))
+        .route("/shadow", axum::routing::put(start_shadow).delete(stop_shadow))
+        .route("/ab", get(ab_report))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
@@ -679,6 +681,41 @@ async fn rollback(
     Ok(Json(
         run_change(async move { controller.rollback(&reason).await }).await?,
     ))
+}
+
+/// `PUT /shadow`'s body: the module, and either the shards or a share.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShadowRequest {
+    candidate: String,
+    shards: Option<Vec<u32>>,
+    share: Option<u8>,
+}
+
+async fn start_shadow(
+    State(state): State<AdminState>,
+    request: Request,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let controller = state.controller_for_change()?;
+    let req: ShadowRequest = read_json(request, false).await?;
+    let candidate = req.candidate.clone();
+    let shards = run_change(async move {
+        controller
+            .start_shadow(&req.candidate, req.shards, req.share)
+            .await
+    })
+    .await?;
+    Ok(Json(serde_json::json!({ "shadow": candidate, "shards": shards })))
+}
+
+async fn stop_shadow(State(state): State<AdminState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let controller = state.controller_for_change()?;
+    run_change(async move { controller.stop_shadow().await }).await?;
+    Ok(Json(serde_json::json!({ "shadow": null })))
+}
+
+async fn ab_report(State(state): State<AdminState>) -> Result<Json<super::ab::AbReport>, ApiError> {
+    Ok(Json(state.controller()?.ab_report().await?))
 }
 
 async fn not_found(request: Request) -> ApiError {

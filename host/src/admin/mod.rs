@@ -12,6 +12,7 @@
 //!   `wagg rollout`, `wagg promote` and `wagg rollback`.
 
 pub mod client;
+pub mod ab;
 pub mod controller;
 pub mod http;
 pub mod registry;
@@ -42,6 +43,10 @@ pub struct AdminConfig {
     pub breaker_failures: u32,
     /// The circuit breaker's window, seconds.
     pub breaker_window_secs: u64,
+    /// Roll a candidate back once its shadowed flushes disagreed with the
+    /// incumbent's on this many (series, bucket) rows in total. Unset: a
+    /// disagreement is only reported.
+    pub rollback_on_divergence: Option<u64>,
 }
 
 impl Default for AdminConfig {
@@ -52,6 +57,7 @@ impl Default for AdminConfig {
             max_body_bytes: 16 << 20,
             breaker_failures: 3,
             breaker_window_secs: 60,
+            rollback_on_divergence: None,
         }
     }
 }

@@ -40,8 +40,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::router::{KeyBatch, Router, RouterConfig, SeriesKey};
 use crate::runtime::{InstanceError, Runtime};
 use crate::shard::{
-    Assignment, Command, Outbox, ShardEvent, ShardHandle, ShardSpec, ShardStats, StateRow,
-    SwapReport,
+    Assignment, Command, Outbox, ShadowReport, ShardEvent, ShardHandle, ShardSpec, ShardStats,
+    StateRow, SwapReport,
 };
 use crate::sink::Sink;
 use crate::source::amqp::{Delivery, DeliveryTag, SourceError};
@@ -162,6 +162,20 @@ pub enum ControlCmd {
         /// The stats, in shard order.
         reply: oneshot::Sender<Vec<ShardStats>>,
     },
+    /// Start (`Some`) or stop (`None`) a shadow module on one shard.
+    Shadow {
+        /// Shard index.
+        shard: u32,
+        /// The shadow.
+        to: Option<Assignment>,
+        /// Whether it started.
+        reply: oneshot::Sender<Result<(), InstanceError>>,
+    },
+    /// Every shard's shadow report (shards without a shadow are left out).
+    ShadowReports {
+        /// The reports.
+        reply: oneshot::Sender<Vec<ShadowReport>>,
+    },
 }
 
 /// The admin side's handle on a running pipeline.
@@ -210,6 +224,39 @@ impl PipelineControl {
                 fallback,
                 reply,
             })
+            .await
+            .map_err(|_| NotRunning)?;
+        rx.await.map_err(|_| NotRunning)
+    }
+
+    /// Starts (`Some`) or stops (`None`) a shadow on `shard`.
+    ///
+    /// # Errors
+    ///
+    /// `Err(NotRunning)` if the pipeline stopped; `Ok(Err(_))` if the shadow
+    /// could not start.
+    pub async fn shadow(
+        &self,
+        shard: u32,
+        to: Option<Assignment>,
+    ) -> Result<Result<(), InstanceError>, NotRunning> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(ControlCmd::Shadow { shard, to, reply })
+            .await
+            .map_err(|_| NotRunning)?;
+        rx.await.map_err(|_| NotRunning)
+    }
+
+    /// Every shard's shadow report.
+    ///
+    /// # Errors
+    ///
+    /// If the pipeline stopped.
+    pub async fn shadow_reports(&self) -> Result<Vec<ShadowReport>, NotRunning> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(ControlCmd::ShadowReports { reply })
             .await
             .map_err(|_| NotRunning)?;
         rx.await.map_err(|_| NotRunning)
@@ -620,6 +667,45 @@ impl<S: Source> Coordinator<S> {
                     })
                     .await
                     .map_err(|_| PipelineError::ShardStopped)?;
+            }
+            ControlCmd::Shadow { shard, to, reply } => {
+                if self.shards.get(shard as usize).is_none() {
+                    let _ = reply.send(Err(InstanceError::Refused {
+                        call: "shadow",
+                        message: format!("no shard {shard}"),
+                    }));
+                    return Ok(());
+                }
+                // Behind the batches already routed, like a swap.
+                if !self.batches[shard as usize].is_empty() {
+                    self.send_batch(shard as usize).await?;
+                }
+                self.shards[shard as usize]
+                    .send(Command::Shadow { to, reply })
+                    .await
+                    .map_err(|_| PipelineError::ShardStopped)?;
+            }
+            ControlCmd::ShadowReports { reply } => {
+                let mut pending = Vec::with_capacity(self.shards.len());
+                for shard in &self.shards {
+                    let (tx, rx) = oneshot::channel();
+                    shard
+                        .send(Command::ShadowReport(tx))
+                        .await
+                        .map_err(|_| PipelineError::ShardStopped)?;
+                    pending.push(rx);
+                }
+                tokio::spawn(async move {
+                    let mut reports = Vec::new();
+                    for rx in pending {
+                        match rx.await {
+                            Ok(Some(r)) => reports.push(r),
+                            Ok(None) => {}
+                            Err(_) => return,
+                        }
+                    }
+                    let _ = reply.send(reports);
+                });
             }
             ControlCmd::Stats { reply } => {
                 let mut pending = Vec::with_capacity(self.shards.len());

@@ -11,6 +11,7 @@
 
 pub mod dictionary;
 pub mod outbox;
+pub mod shadow;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -21,6 +22,9 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use dictionary::Dictionary;
 pub use outbox::Outbox;
+pub use shadow::{Difference, ShadowReport};
+
+use shadow::Shadow;
 
 use crate::router::{KeyBatch, RouterConfig, SeriesKey};
 use crate::runtime::{
@@ -61,6 +65,15 @@ pub enum Command {
     Snapshot(oneshot::Sender<Vec<StateRow>>),
     /// Reply with the module's stats.
     Stats(oneshot::Sender<ShardStats>),
+    /// Start (`Some`) or stop (`None`) a shadow module beside the incumbent.
+    Shadow {
+        /// The module to shadow with.
+        to: Option<Assignment>,
+        /// Whether it started.
+        reply: oneshot::Sender<Result<(), InstanceError>>,
+    },
+    /// Reply with the shadow's report, if a shadow ran since the last start.
+    ShadowReport(oneshot::Sender<Option<ShadowReport>>),
     /// Move the shard's open buckets to another module (a hot swap), between
     /// two batches.
     Swap {
@@ -134,6 +147,15 @@ pub enum ShardEvent {
         error: String,
         /// Whether the fallback module took over.
         fell_back: bool,
+    },
+    /// A shadow's flush disagreed with the incumbent's.
+    ShadowDiverged {
+        /// Shard index.
+        shard: u32,
+        /// The shadow's module id.
+        module: String,
+        /// Rows that differed or were missing on either side.
+        rows: u64,
     },
     /// A hot swap finished.
     Swapped {
@@ -239,6 +261,11 @@ impl ShardHandle {
             batch: Batch::with_capacity(1024),
             base: restore,
             log: Vec::new(),
+            shadow: None,
+            replaying: false,
+            shadow_fed: false,
+            queue_depth: 0,
+            batches_seen: 0,
             spec,
             runtime,
             outbox,
@@ -306,7 +333,23 @@ struct Shard {
     base: Vec<StateRow>,
     /// Everything done since `base`.
     log: Vec<Logged>,
+    /// A candidate fed the same batches, compared at every flush.
+    shadow: Option<Shadow>,
+    /// Set while a rebuild replays the log: nothing replayed reaches the
+    /// shadow (it already had it).
+    replaying: bool,
+    /// Whether the shadow already got the current command's batch (a
+    /// command that fails runs again after a rebuild).
+    shadow_fed: bool,
+    /// Commands waiting behind the current one.
+    queue_depth: usize,
+    /// Batches put, to alternate which module puts first.
+    batches_seen: u64,
 }
+
+/// Queue depth beyond which the shadow skips batches instead of slowing the
+/// incumbent.
+const SHADOW_SKIP_DEPTH: usize = QUEUE / 2;
 
 /// The result of a command, applied by `Shard::finish` once it succeeded.
 enum Outcome {
@@ -330,7 +373,17 @@ impl Shard {
                 depth: rx.len(),
             }
             .emit(&self.spec.metrics);
+            self.queue_depth = rx.len();
+            self.shadow_fed = false;
             let cmd = match cmd {
+                Command::Shadow { to, reply } => {
+                    let _ = reply.send(self.set_shadow(to));
+                    continue;
+                }
+                Command::ShadowReport(reply) => {
+                    let _ = reply.send(self.shadow.as_ref().map(Shadow::report));
+                    continue;
+                }
                 Command::Swap {
                     to,
                     fallback,
@@ -385,7 +438,9 @@ impl Shard {
             Command::Flush(watermark) => self.flush(*watermark).map(Outcome::Flushed),
             Command::Snapshot(_) => self.export().map(Outcome::Rows),
             Command::Stats(_) => self.instance()?.stats().map(Outcome::Stats),
-            Command::Swap { .. } => unreachable!("swaps are handled in `run`"),
+            Command::Swap { .. } | Command::Shadow { .. } | Command::ShadowReport(_) => {
+                unreachable!("handled in `run`")
+            }
         }
     }
 
@@ -436,13 +491,45 @@ impl Shard {
             let id = self.dict.intern(keys.key(s), bucket);
             self.batch.push(id, s.timestamp, s.value);
         }
+        // The shadow gets each batch once (not on a retry, not when a
+        // rebuild replays the log), first on every other batch.
+        let mut shadow = self.shadow.take();
+        let mut feed = !self.replaying && !self.shadow_fed && shadow.as_ref().is_some_and(Shadow::running);
+        if feed && self.queue_depth > SHADOW_SKIP_DEPTH {
+            if let Some(s) = shadow.as_mut() {
+                s.skip();
+            }
+            self.shadow_fed = true;
+            feed = false;
+        }
+        let shadow_first = feed && self.batches_seen % 2 == 1;
+        let mut shadow_time = None;
+        if shadow_first && let Some(s) = shadow.as_mut() {
+            shadow_time = s.put(&self.batch);
+            self.shadow_fed = true;
+        }
         let started = std::time::Instant::now();
+        let put = match self.instance.as_mut() {
+            Some(instance) => instance.put(&self.batch).map(|_| instance.last_fuel()),
+            None => Err(InstanceError::Poisoned("no instance".into())),
+        };
+        let put_duration = started.elapsed();
+        if put.is_ok() && feed && !shadow_first && let Some(s) = shadow.as_mut() {
+            shadow_time = s.put(&self.batch);
+            self.shadow_fed = true;
+        }
+        if let (Ok(fuel), Some(s), Some(t)) = (&put, shadow.as_mut(), shadow_time) {
+            s.record_batch(keys.len(), put_duration, t, *fuel);
+        }
+        self.shadow = shadow;
+        put?;
+        if !self.replaying {
+            self.batches_seen += 1;
+        }
         let instance = self
             .instance
             .as_mut()
             .ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
-        instance.put(&self.batch)?;
-        let put_duration = started.elapsed();
         BatchPut {
             shard: self.spec.index,
             module: &self.current.label,
@@ -467,6 +554,9 @@ impl Shard {
         let flush_duration = started.elapsed();
         let stats = instance.stats()?;
         let points = self.points(&aggs)?;
+        if !self.replaying {
+            self.shadow_flush(watermark, &aggs, flush_duration, stats);
+        }
         ModuleFlushed {
             shard: self.spec.index,
             module: &self.current.label,
@@ -477,6 +567,65 @@ impl Shard {
         .emit(&self.spec.metrics, &self.counters);
         self.forget(watermark);
         Ok(points)
+    }
+
+    /// Flushes the shadow at the same watermark, compares, reports a
+    /// divergence, and reseeds a shadow that had skipped batches.
+    fn shadow_flush(
+        &mut self,
+        watermark: u64,
+        flushed: &Aggregates,
+        took: std::time::Duration,
+        stats: ModuleStats,
+    ) {
+        let Some(mut shadow) = self.shadow.take() else {
+            return;
+        };
+        let dict = &self.dict;
+        let router = &self.spec.router;
+        let tags = |id: u64| {
+            dict.key(id)
+                .and_then(SeriesKey::parse)
+                .and_then(|k| k.tags(router))
+                .unwrap_or_default()
+        };
+        let bad = shadow.flush_and_compare(watermark, flushed, took, &|id| dict.contains(id), &tags);
+        if bad > 0 {
+            let _ = self.spec.events.send(ShardEvent::ShadowDiverged {
+                shard: self.spec.index,
+                module: shadow.assignment.module.id().to_string(),
+                rows: bad,
+            });
+        }
+        let bucket_seconds = self.spec.bucket_seconds;
+        let runtime = self.runtime.clone();
+        shadow.after_flush(&runtime, bucket_seconds, || self.export_ids(), stats);
+        self.shadow = Some(shadow);
+    }
+
+    /// Starts or stops the shadow. A new shadow starts from a copy of the
+    /// incumbent's open buckets, so their flushes are comparable at once.
+    fn set_shadow(&mut self, to: Option<Assignment>) -> Result<(), InstanceError> {
+        let Some(to) = to else {
+            self.shadow = None;
+            return Ok(());
+        };
+        let state = self.export_ids()?;
+        let report = ShadowReport {
+            shard: self.spec.index,
+            incumbent: self.current.label.to_string(),
+            shadow: to.label.to_string(),
+            shadow_id: to.module.id().to_string(),
+            ..ShadowReport::default()
+        };
+        self.shadow = Some(Shadow::start(
+            &self.runtime,
+            to,
+            self.spec.bucket_seconds,
+            &state,
+            report,
+        )?);
+        Ok(())
     }
 
     /// Forgets series idle for `forget_after_buckets` whole buckets before
@@ -652,10 +801,12 @@ impl Shard {
         }
         self.instance = Some(instance);
         let log = std::mem::take(&mut self.log);
+        self.replaying = true;
         let replayed = log.iter().try_for_each(|entry| match entry {
             Logged::Put(keys) => self.put(keys),
             Logged::Flush(watermark) => self.flush(*watermark).map(drop),
         });
+        self.replaying = false;
         self.log = log;
         replayed
     }
