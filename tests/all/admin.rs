@@ -249,7 +249,7 @@ async fn snapshot(client: &AdminClient) -> Snapshot {
 /// `bytes` with a custom section appended: the same strategy under another
 /// id (every fixture strategy is also a built-in, and the registry refuses
 /// the same bytes twice).
-fn variant(bytes: &[u8], tag: &str) -> Vec<u8> {
+pub(crate) fn variant(bytes: &[u8], tag: &str) -> Vec<u8> {
     fn leb(mut n: usize, out: &mut Vec<u8>) {
         loop {
             let b = (n & 0x7f) as u8;

@@ -9,5 +9,6 @@ mod faults;
 mod harness;
 mod pipeline;
 mod rollout;
+mod shadow;
 mod sink;
 mod traffic;

@@ -36,6 +36,8 @@ pub struct AbReport {
     pub shadow_cost: f64,
     /// Batches the shadow skipped because a shard fell behind.
     pub skipped_batches: u64,
+    /// Samples in those batches.
+    pub skipped_samples: u64,
     /// Whether their flushes agree.
     pub agreement: Agreement,
     /// Shards whose shadow stopped, and why.
@@ -118,6 +120,7 @@ pub fn report(reports: &[ShadowReport]) -> AbReport {
         r.incumbent.samples += s.samples;
         r.shadow.samples += s.samples;
         r.skipped_batches += s.skipped_batches;
+        r.skipped_samples += s.skipped_samples;
         for &(a, b) in &s.put_ns {
             a_ns.push(f64::from(a));
             b_ns.push(f64::from(b));
@@ -156,19 +159,45 @@ pub fn report(reports: &[ShadowReport]) -> AbReport {
     r.incumbent.put_ns_p99 = quantile(&mut a_ns, 0.99);
     r.shadow.put_ns_median = quantile(&mut b_ns, 0.5);
     r.shadow.put_ns_p99 = quantile(&mut b_ns, 0.99);
-    let per_flush = |t: f64| if flushes == 0 { 0.0 } else { t * 1e3 / flushes as f64 };
+    let per_flush = |t: f64| {
+        if flushes == 0 {
+            0.0
+        } else {
+            t * 1e3 / flushes as f64
+        }
+    };
     r.incumbent.flush_ms = per_flush(a_flush);
     r.shadow.flush_ms = per_flush(b_flush);
-    r.flush_ratio = if a_flush > 0.0 { b_flush / a_flush } else { 0.0 };
-    let per_sample = |fuel: u64, samples: u64| if samples == 0 { 0.0 } else { fuel as f64 / samples as f64 };
+    r.flush_ratio = if a_flush > 0.0 {
+        b_flush / a_flush
+    } else {
+        0.0
+    };
+    let per_sample = |fuel: u64, samples: u64| {
+        if samples == 0 {
+            0.0
+        } else {
+            fuel as f64 / samples as f64
+        }
+    };
     r.incumbent.fuel_per_sample = per_sample(a_fuel, r.incumbent.samples);
     r.shadow.fuel_per_sample = per_sample(b_fuel, r.shadow.samples);
-    let per_series = |bytes: u64, series: u64| if series == 0 { 0.0 } else { bytes as f64 / series as f64 };
+    let per_series = |bytes: u64, series: u64| {
+        if series == 0 {
+            0.0
+        } else {
+            bytes as f64 / series as f64
+        }
+    };
     r.incumbent.bytes_per_series = per_series(r.incumbent.memory_bytes, a_series);
     r.shadow.bytes_per_series = per_series(r.shadow.memory_bytes, b_series);
     r.put_ratio = paired_ratio(&pairs);
     let (sum_a, sum_b): (f64, f64) = (a_ns.iter().sum(), b_ns.iter().sum());
-    r.shadow_cost = if sum_a > 0.0 { (sum_a + sum_b) / sum_a } else { 0.0 };
+    r.shadow_cost = if sum_a > 0.0 {
+        (sum_a + sum_b) / sum_a
+    } else {
+        0.0
+    };
     r
 }
 
@@ -241,10 +270,24 @@ mod tests {
     fn equal_timings_are_no_difference_and_a_clear_slowdown_is_slower() {
         // Noisy but equal: the batch-to-batch noise is shared by the pair.
         let noise = |i: usize| 1.0 + 0.3 * ((i * 7919) % 13) as f64 / 13.0;
-        let same: Vec<(f64, f64)> = (0..500).map(|i| (20.0 * noise(i), 20.0 * noise(i) * (1.0 + 0.01 * ((i % 3) as f64 - 1.0)))).collect();
+        let same: Vec<(f64, f64)> = (0..500)
+            .map(|i| {
+                (
+                    20.0 * noise(i),
+                    20.0 * noise(i) * (1.0 + 0.01 * ((i % 3) as f64 - 1.0)),
+                )
+            })
+            .collect();
         let r = paired_ratio(&logs(&same));
         assert_eq!(r.verdict, "no difference", "{r:?}");
-        let slow: Vec<(f64, f64)> = (0..500).map(|i| (20.0 * noise(i), 30.0 * noise(i) * (1.0 + 0.05 * ((i % 5) as f64 - 2.0)))).collect();
+        let slow: Vec<(f64, f64)> = (0..500)
+            .map(|i| {
+                (
+                    20.0 * noise(i),
+                    30.0 * noise(i) * (1.0 + 0.05 * ((i % 5) as f64 - 2.0)),
+                )
+            })
+            .collect();
         let r = paired_ratio(&logs(&slow));
         assert_eq!(r.verdict, "slower", "{r:?}");
         assert!((r.ratio - 1.5).abs() < 0.05, "{r:?}");

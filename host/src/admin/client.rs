@@ -293,7 +293,8 @@ impl AdminClient {
     /// A [`ClientError`].
     pub async fn stop_shadow(&self) -> Result<serde_json::Value, ClientError> {
         let url = self.url(&["shadow"]);
-        self.send(url.clone(), self.request(Method::DELETE, url)).await
+        self.send(url.clone(), self.request(Method::DELETE, url))
+            .await
     }
 
     /// The A/B report.
@@ -494,6 +495,107 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
+/// The A/B report as `wagg ab` prints it.
+pub fn ab_table(r: &super::ab::AbReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let (a, b) = (&r.incumbent, &r.shadow);
+    let _ = writeln!(
+        out,
+        "A/B on shards {:?}: A = {} (incumbent), B = {} (shadow)",
+        r.shards, a.label, b.label
+    );
+    let _ = writeln!(
+        out,
+        "shadowing cost: put time with the shadow {:.2}x of A alone; batches skipped by the shadow: {}",
+        r.shadow_cost, r.skipped_batches
+    );
+    let _ = writeln!(out, "{:<26} {:>14} {:>14} {:>9}", "", "A", "B", "B/A");
+    let row = |out: &mut String, name: &str, x: f64, y: f64, unit: &str| {
+        let ratio = if x > 0.0 {
+            format!("{:.2}", y / x)
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            out,
+            "{name:<26} {:>12.1}{unit:>2} {:>12.1}{unit:>2} {ratio:>9}",
+            x, y
+        );
+    };
+    let _ = writeln!(out, "{:<26} {:>14} {:>14}", "samples", a.samples, b.samples);
+    row(
+        &mut out,
+        "put ns/sample, median",
+        a.put_ns_median,
+        b.put_ns_median,
+        "",
+    );
+    row(
+        &mut out,
+        "put ns/sample, p99",
+        a.put_ns_p99,
+        b.put_ns_p99,
+        "",
+    );
+    row(&mut out, "flush time", a.flush_ms, b.flush_ms, "ms");
+    row(
+        &mut out,
+        "memory now",
+        a.memory_bytes as f64 / 1024.0,
+        b.memory_bytes as f64 / 1024.0,
+        "Ki",
+    );
+    row(
+        &mut out,
+        "memory peak",
+        a.memory_peak_bytes as f64 / 1024.0,
+        b.memory_peak_bytes as f64 / 1024.0,
+        "Ki",
+    );
+    row(
+        &mut out,
+        "bytes per live series",
+        a.bytes_per_series,
+        b.bytes_per_series,
+        "",
+    );
+    row(
+        &mut out,
+        "fuel per sample",
+        a.fuel_per_sample,
+        b.fuel_per_sample,
+        "",
+    );
+    let p = &r.put_ratio;
+    let _ = writeln!(
+        out,
+        "put time B/A: {:.3} (95% CI {:.3}..{:.3}, {} paired batches): {}",
+        p.ratio, p.low, p.high, p.batches, p.verdict
+    );
+    let g = &r.agreement;
+    let _ = writeln!(
+        out,
+        "agreement over {} flushes: {} rows equal, {} differing, {} missing in B, {} missing in A",
+        g.flushes, g.equal, g.differing, g.missing_in_shadow, g.missing_in_incumbent
+    );
+    for d in &g.first_differences {
+        let tags: Vec<String> = d.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(
+            out,
+            "  {} @ {}: A {:?}, B {:?} (count, sum)",
+            tags.join(","),
+            d.bucket,
+            d.incumbent,
+            d.shadow
+        );
+    }
+    for (shard, why) in &r.stopped {
+        let _ = writeln!(out, "shadow stopped on shard {shard}: {why}");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -544,61 +646,4 @@ mod tests {
         assert!(lines[1].contains("memory:3"));
         assert!(lines[1].ends_with("circuit breaker: 3 failures"));
     }
-}
-
-/// The A/B report as `wagg ab` prints it.
-pub fn ab_table(r: &super::ab::AbReport) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let (a, b) = (&r.incumbent, &r.shadow);
-    let _ = writeln!(
-        out,
-        "A/B on shards {:?}: A = {} (incumbent), B = {} (shadow)",
-        r.shards, a.label, b.label
-    );
-    let _ = writeln!(
-        out,
-        "shadowing cost: put time with the shadow {:.2}x of A alone; batches skipped by the shadow: {}",
-        r.shadow_cost, r.skipped_batches
-    );
-    let _ = writeln!(out, "{:<26} {:>14} {:>14} {:>9}", "", "A", "B", "B/A");
-    let row = |out: &mut String, name: &str, x: f64, y: f64, unit: &str| {
-        let ratio = if x > 0.0 { format!("{:.2}", y / x) } else { "-".into() };
-        let _ = writeln!(out, "{name:<26} {:>12.1}{unit:>2} {:>12.1}{unit:>2} {ratio:>9}", x, y);
-    };
-    let _ = writeln!(out, "{:<26} {:>14} {:>14}", "samples", a.samples, b.samples);
-    row(&mut out, "put ns/sample, median", a.put_ns_median, b.put_ns_median, "");
-    row(&mut out, "put ns/sample, p99", a.put_ns_p99, b.put_ns_p99, "");
-    row(&mut out, "flush time", a.flush_ms, b.flush_ms, "ms");
-    row(&mut out, "memory now", a.memory_bytes as f64 / 1024.0, b.memory_bytes as f64 / 1024.0, "Ki");
-    row(&mut out, "memory peak", a.memory_peak_bytes as f64 / 1024.0, b.memory_peak_bytes as f64 / 1024.0, "Ki");
-    row(&mut out, "bytes per live series", a.bytes_per_series, b.bytes_per_series, "");
-    row(&mut out, "fuel per sample", a.fuel_per_sample, b.fuel_per_sample, "");
-    let p = &r.put_ratio;
-    let _ = writeln!(
-        out,
-        "put time B/A: {:.3} (95% CI {:.3}..{:.3}, {} paired batches): {}",
-        p.ratio, p.low, p.high, p.batches, p.verdict
-    );
-    let g = &r.agreement;
-    let _ = writeln!(
-        out,
-        "agreement over {} flushes: {} rows equal, {} differing, {} missing in B, {} missing in A",
-        g.flushes, g.equal, g.differing, g.missing_in_shadow, g.missing_in_incumbent
-    );
-    for d in &g.first_differences {
-        let tags: Vec<String> = d.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let _ = writeln!(
-            out,
-            "  {} @ {}: A {:?}, B {:?} (count, sum)",
-            tags.join(","),
-            d.bucket,
-            d.incumbent,
-            d.shadow
-        );
-    }
-    for (shard, why) in &r.stopped {
-        let _ = writeln!(out, "shadow stopped on shard {shard}: {why}");
-    }
-    out
 }

@@ -445,7 +445,10 @@ impl Controller {
         let mut state = self.state.lock().await;
         let id = resolve(&state.registry, candidate)?.id.clone();
         if id == state.rollout.incumbent {
-            return Err(AdminError::BadRequest("the incumbent cannot shadow itself; upload a copy to compare a module with itself".into()));
+            return Err(AdminError::BadRequest(
+                "the incumbent cannot shadow itself; upload a copy to compare a module with itself"
+                    .into(),
+            ));
         }
         let n = state.shards.len() as u32;
         let on_incumbent: Vec<u32> = (0..n)
@@ -455,7 +458,9 @@ impl Controller {
         let shards = match (shards, share) {
             (Some(list), _) => {
                 if let Some(bad) = list.iter().find(|&&i| i >= n) {
-                    return Err(AdminError::BadRequest(format!("no shard {bad} (there are {n})")));
+                    return Err(AdminError::BadRequest(format!(
+                        "no shard {bad} (there are {n})"
+                    )));
                 }
                 list
             }
@@ -463,14 +468,19 @@ impl Controller {
                 let k = ((u32::from(share) * n).div_ceil(100)) as usize;
                 on_incumbent.into_iter().take(k).collect()
             }
-            (None, Some(share)) => return Err(AdminError::BadRequest(format!("share {share} is over 100"))),
+            (None, Some(share)) => {
+                return Err(AdminError::BadRequest(format!("share {share} is over 100")));
+            }
             (None, None) => on_incumbent,
         };
         if shards.is_empty() {
             return Err(AdminError::BadRequest("no shard to shadow".into()));
         }
         self.stop_shadow_locked(&mut state).await?;
-        let to = state.registry.assignment(&id).ok_or_else(|| AdminError::NotFound(id.clone()))?;
+        let to = state
+            .registry
+            .assignment(&id)
+            .ok_or_else(|| AdminError::NotFound(id.clone()))?;
         for (k, &shard) in shards.iter().enumerate() {
             match self.control.shadow(shard, Some(to.clone())).await {
                 Ok(Ok(())) => {}
@@ -478,7 +488,9 @@ impl Controller {
                     for &started in &shards[..k] {
                         let _ = self.control.shadow(started, None).await;
                     }
-                    return Err(AdminError::SwapFailed(format!("shadow on shard {shard}: {e}")));
+                    return Err(AdminError::SwapFailed(format!(
+                        "shadow on shard {shard}: {e}"
+                    )));
                 }
                 Err(_) => return Err(AdminError::NotRunning),
             }
@@ -502,7 +514,11 @@ impl Controller {
     async fn stop_shadow_locked(&self, state: &mut State) -> Result<(), AdminError> {
         if let Some((_, shards)) = state.shadow.take() {
             for shard in shards {
-                self.control.shadow(shard, None).await.map_err(|_| AdminError::NotRunning)?.ok();
+                self.control
+                    .shadow(shard, None)
+                    .await
+                    .map_err(|_| AdminError::NotRunning)?
+                    .ok();
             }
         }
         Ok(())
@@ -515,9 +531,15 @@ impl Controller {
     /// [`AdminError::Conflict`] without a shadow, [`AdminError::NotRunning`].
     pub async fn ab_report(&self) -> Result<super::ab::AbReport, AdminError> {
         if self.state.lock().await.shadow.is_none() {
-            return Err(AdminError::Conflict("no shadow is running; start one with PUT /shadow".into()));
+            return Err(AdminError::Conflict(
+                "no shadow is running; start one with PUT /shadow".into(),
+            ));
         }
-        let reports = self.control.shadow_reports().await.map_err(|_| AdminError::NotRunning)?;
+        let reports = self
+            .control
+            .shadow_reports()
+            .await
+            .map_err(|_| AdminError::NotRunning)?;
         Ok(super::ab::report(&reports))
     }
 
@@ -540,7 +562,10 @@ impl Controller {
             "shadow divergence: {total} rows differed from the incumbent (threshold {threshold}), last on shard {shard}"
         );
         tracing::error!(module, reason = %reason, "Rolling the candidate back.");
-        if let Err(e) = self.roll_back_locked(&mut state, "divergence", &reason).await {
+        if let Err(e) = self
+            .roll_back_locked(&mut state, "divergence", &reason)
+            .await
+        {
             tracing::error!(error = %e, "Automatic rollback failed; an operator must act.");
         }
     }

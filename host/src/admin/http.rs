@@ -322,7 +322,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/rollout", get(show_rollout).put(set_rollout))
         .route("/rollout/promote", post(promote))
         .route("/rollout/rollback", post(rollback))
-        .route("/shadow", axum::routing::put(start_shadow).delete(stop_shadow))
+        .route(
+            "/shadow",
+            axum::routing::put(start_shadow).delete(stop_shadow),
+        )
         .route("/ab", get(ab_report))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -705,7 +708,9 @@ async fn start_shadow(
             .await
     })
     .await?;
-    Ok(Json(serde_json::json!({ "shadow": candidate, "shards": shards })))
+    Ok(Json(
+        serde_json::json!({ "shadow": candidate, "shards": shards }),
+    ))
 }
 
 async fn stop_shadow(State(state): State<AdminState>) -> Result<Json<serde_json::Value>, ApiError> {

@@ -11,8 +11,8 @@
 //! - [`client`]: its client, behind `wagg module upload/list/remove`,
 //!   `wagg rollout`, `wagg promote` and `wagg rollback`.
 
-pub mod client;
 pub mod ab;
+pub mod client;
 pub mod controller;
 pub mod http;
 pub mod registry;

@@ -383,6 +383,11 @@ struct Coordinator<S: Source> {
     dedup: dedup::Dedup,
     last_delivery: Instant,
     open_data: bool,
+    /// Malformed deliveries whose dead letter failed, oldest first, with
+    /// their reason code and reason: retried at each checkpoint, and no ack
+    /// goes past the first of them (a `multiple` ack past it would drop it
+    /// without its dead letter).
+    undead: Vec<(Delivery, &'static str, String)>,
 }
 
 /// Runs the pipeline until `shutdown` resolves or the source ends, then
@@ -442,6 +447,7 @@ pub async fn run<S: Source>(
         dedup: dedup::Dedup::restore(cp.recent_messages),
         last_delivery: Instant::now(),
         open_data: cp.max_event_time > cp.flushed_watermark,
+        undead: Vec::new(),
         parts,
     };
     let (stop_sink_tx, stop_sink_rx) = tokio::sync::watch::channel(false);
@@ -754,17 +760,16 @@ impl<S: Source> Coordinator<S> {
                     error: &err,
                 }
                 .emit(&self.metrics, &self.counters);
-                if let Err(e) = self
-                    .source
-                    .dead_letter(&d, err.code(), &err.to_string())
-                    .await
-                {
-                    // It stays unacked and comes back after a reconnect.
+                let reason = err.to_string();
+                if let Err(e) = self.source.dead_letter(&d, err.code(), &reason).await {
+                    // It stays unacked: retried at the next checkpoint,
+                    // which acks only the deliveries before it meanwhile.
                     SourceOperationFailed {
                         op: "dead_letter",
                         error: &e,
                     }
                     .emit(&self.metrics);
+                    self.undead.push((d, err.code(), reason));
                 }
                 return Ok(());
             }
@@ -895,7 +900,8 @@ impl<S: Source> Coordinator<S> {
             duration: started.elapsed(),
         }
         .emit(&self.metrics, &self.counters);
-        if let Some(tag) = self.last_tag
+        let ack_to = self.retry_dead_letters().await;
+        if let Some(tag) = ack_to
             && Some(tag) > self.acked_tag
         {
             match self.source.ack_upto(tag).await {
@@ -917,6 +923,39 @@ impl<S: Source> Coordinator<S> {
             }
         }
         Ok(())
+    }
+
+    /// Retries the dead letters that failed, in order, and returns how far
+    /// the next ack may go: [`Self::last_tag`], or just below the first
+    /// delivery whose dead letter still fails.
+    async fn retry_dead_letters(&mut self) -> Option<DeliveryTag> {
+        // A delivery of an older connection comes back by itself.
+        let current = self.last_tag.map(|t| t.generation);
+        self.undead
+            .retain(|(d, ..)| Some(d.tag.generation) >= current);
+        while let Some((d, code, reason)) = self.undead.first() {
+            match self.source.dead_letter(d, code, reason).await {
+                Ok(()) => {
+                    self.undead.remove(0);
+                }
+                Err(e) => {
+                    SourceOperationFailed {
+                        op: "dead_letter",
+                        error: &e,
+                    }
+                    .emit(&self.metrics);
+                    break;
+                }
+            }
+        }
+        match self.undead.first() {
+            None => self.last_tag,
+            Some((d, ..)) if d.tag.tag > 1 => self.last_tag.min(Some(DeliveryTag {
+                generation: d.tag.generation,
+                tag: d.tag.tag - 1,
+            })),
+            Some(_) => None,
+        }
     }
 
     async fn drain(&mut self, drain: Drain) -> Result<(), PipelineError> {

@@ -494,10 +494,11 @@ impl Shard {
         // The shadow gets each batch once (not on a retry, not when a
         // rebuild replays the log), first on every other batch.
         let mut shadow = self.shadow.take();
-        let mut feed = !self.replaying && !self.shadow_fed && shadow.as_ref().is_some_and(Shadow::running);
+        let mut feed =
+            !self.replaying && !self.shadow_fed && shadow.as_ref().is_some_and(Shadow::running);
         if feed && self.queue_depth > SHADOW_SKIP_DEPTH {
             if let Some(s) = shadow.as_mut() {
-                s.skip();
+                s.skip(keys.len());
             }
             self.shadow_fed = true;
             feed = false;
@@ -514,7 +515,11 @@ impl Shard {
             None => Err(InstanceError::Poisoned("no instance".into())),
         };
         let put_duration = started.elapsed();
-        if put.is_ok() && feed && !shadow_first && let Some(s) = shadow.as_mut() {
+        if put.is_ok()
+            && feed
+            && !shadow_first
+            && let Some(s) = shadow.as_mut()
+        {
             shadow_time = s.put(&self.batch);
             self.shadow_fed = true;
         }
@@ -589,7 +594,8 @@ impl Shard {
                 .and_then(|k| k.tags(router))
                 .unwrap_or_default()
         };
-        let bad = shadow.flush_and_compare(watermark, flushed, took, &|id| dict.contains(id), &tags);
+        let bad =
+            shadow.flush_and_compare(watermark, flushed, took, &|id| dict.contains(id), &tags);
         if bad > 0 {
             let _ = self.spec.events.send(ShardEvent::ShadowDiverged {
                 shard: self.spec.index,

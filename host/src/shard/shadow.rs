@@ -56,6 +56,8 @@ pub struct ShadowReport {
     pub samples: u64,
     /// Batches the shadow skipped because the shard fell behind.
     pub skipped_batches: u64,
+    /// Samples in those batches.
+    pub skipped_samples: u64,
     /// Per batch: the incumbent's and the shadow's put time per sample, ns
     /// (the last [`TIMED_BATCHES`]).
     pub put_ns: Vec<(f32, f32)>,
@@ -160,7 +162,13 @@ impl Shadow {
     }
 
     /// Records one batch's paired timings.
-    pub(super) fn record_batch(&mut self, samples: usize, incumbent: Duration, shadow: Duration, incumbent_fuel: u64) {
+    pub(super) fn record_batch(
+        &mut self,
+        samples: usize,
+        incumbent: Duration,
+        shadow: Duration,
+        incumbent_fuel: u64,
+    ) {
         let per = |d: Duration| (d.as_nanos() as f64 / samples.max(1) as f64) as f32;
         if self.timings.len() == TIMED_BATCHES {
             self.timings.pop_front();
@@ -171,9 +179,10 @@ impl Shadow {
         self.report.fuel.0 += incumbent_fuel;
     }
 
-    /// Counts a batch the shadow did not get.
-    pub(super) fn skip(&mut self) {
+    /// Counts a batch of `samples` the shadow did not get.
+    pub(super) fn skip(&mut self, samples: usize) {
         self.report.skipped_batches += 1;
+        self.report.skipped_samples += samples as u64;
         self.desynced = true;
     }
 
@@ -209,13 +218,21 @@ impl Shadow {
         self.report.flush_time.1 += shadow_time;
         let rows = |a: &Aggregates| -> HashMap<(u64, u64), (u64, f64, f64, f64)> {
             (0..a.len())
-                .map(|i| ((a.series[i], a.bucket_start[i]), (a.count[i], a.sum[i], a.min[i], a.max[i])))
+                .map(|i| {
+                    (
+                        (a.series[i], a.bucket_start[i]),
+                        (a.count[i], a.sum[i], a.min[i], a.max[i]),
+                    )
+                })
                 .collect()
         };
         let ours = rows(flushed);
         let theirs = rows(&theirs);
         let mut bad = 0;
-        let note = |report: &mut ShadowReport, (series, bucket): (u64, u64), a: Option<(u64, f64)>, b: Option<(u64, f64)>| {
+        let note = |report: &mut ShadowReport,
+                    (series, bucket): (u64, u64),
+                    a: Option<(u64, f64)>,
+                    b: Option<(u64, f64)>| {
             if report.first_differences.len() < FIRST_DIFFERENCES {
                 report.first_differences.push(Difference {
                     tags: tags(series),
@@ -263,7 +280,8 @@ impl Shadow {
             return;
         }
         if self.desynced {
-            let reseeded = incumbent_state().and_then(|state| seeded(runtime, &self.assignment, bucket_seconds, &state));
+            let reseeded = incumbent_state()
+                .and_then(|state| seeded(runtime, &self.assignment, bucket_seconds, &state));
             match reseeded {
                 Ok(instance) => {
                     self.instance = Some(instance);
@@ -305,7 +323,10 @@ impl Shadow {
 /// Same aggregate to the bit: both modules add the same values in the same
 /// order, so anything else is a difference.
 fn bitwise_eq(a: &(u64, f64, f64, f64), b: &(u64, f64, f64, f64)) -> bool {
-    a.0 == b.0 && a.1.to_bits() == b.1.to_bits() && a.2.to_bits() == b.2.to_bits() && a.3.to_bits() == b.3.to_bits()
+    a.0 == b.0
+        && a.1.to_bits() == b.1.to_bits()
+        && a.2.to_bits() == b.2.to_bits()
+        && a.3.to_bits() == b.3.to_bits()
 }
 
 fn seeded(
@@ -314,7 +335,8 @@ fn seeded(
     bucket_seconds: u32,
     state: &Aggregates,
 ) -> Result<Instance, InstanceError> {
-    let mut instance = runtime.instantiate(&assignment.module, bucket_seconds, &assignment.options)?;
+    let mut instance =
+        runtime.instantiate(&assignment.module, bucket_seconds, &assignment.options)?;
     instance.merge(state)?;
     Ok(instance)
 }
