@@ -107,6 +107,16 @@ async fn btree_shadowing_hashmap_agrees_exactly_and_counts_every_sample() {
         running.counters.samples.load(Ordering::Relaxed)
     );
     assert!(report.put_ratio.batches > 0 && report.incumbent.put_ns_median > 0.0);
+    // The same figures on /metrics, by module and role.
+    let text = running.metrics.render();
+    for needle in [
+        r#"wagg_ab_put_nanoseconds_per_sample_count{module="btree@builtin",role="shadow"}"#,
+        r#"wagg_ab_put_nanoseconds_per_sample_count{module="hashmap@builtin",role="incumbent"}"#,
+        r#"wagg_ab_rows_total{module="btree@builtin",result="equal"}"#,
+    ] {
+        assert!(text.contains(needle), "{needle} missing");
+    }
+    assert!(text.contains(r#"wagg_ab_rows_total{module="btree@builtin",result="differing"} 0"#));
     let table = wagg::admin::client::ab_table(&report);
     assert!(
         table.contains("btree@builtin") && table.contains("0 differing"),

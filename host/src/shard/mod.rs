@@ -630,6 +630,7 @@ impl Shard {
             self.spec.bucket_seconds,
             &state,
             report,
+            self.spec.metrics.clone(),
         )?);
         Ok(())
     }

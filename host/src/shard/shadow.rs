@@ -18,6 +18,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::runtime::{Aggregates, Batch, Instance, InstanceError, ModuleStats, Runtime};
+use crate::telemetry::{Metrics, ShadowBatch, ShadowCompared, ShadowSkipped};
 
 use super::Assignment;
 
@@ -118,6 +119,10 @@ pub(super) struct Shadow {
     desynced: bool,
     pub(super) report: ShadowReport,
     timings: VecDeque<(f32, f32)>,
+    /// Rows of the last compared flush: equal, differing, missing in the
+    /// shadow, missing in the incumbent.
+    last_rows: Option<[u64; 4]>,
+    metrics: std::sync::Arc<Metrics>,
 }
 
 impl Shadow {
@@ -129,6 +134,7 @@ impl Shadow {
         bucket_seconds: u32,
         state: &Aggregates,
         report: ShadowReport,
+        metrics: std::sync::Arc<Metrics>,
     ) -> Result<Self, InstanceError> {
         let instance = seeded(runtime, &assignment, bucket_seconds, state)?;
         Ok(Shadow {
@@ -137,6 +143,8 @@ impl Shadow {
             desynced: false,
             report,
             timings: VecDeque::with_capacity(TIMED_BATCHES),
+            last_rows: None,
+            metrics,
         })
     }
 
@@ -174,6 +182,13 @@ impl Shadow {
             self.timings.pop_front();
         }
         self.timings.push_back((per(incumbent), per(shadow)));
+        ShadowBatch {
+            incumbent: &self.report.incumbent,
+            shadow: &self.report.shadow,
+            incumbent_ns: f64::from(per(incumbent)),
+            shadow_ns: f64::from(per(shadow)),
+        }
+        .emit(&self.metrics);
         self.report.batches += 1;
         self.report.samples += samples as u64;
         self.report.fuel.0 += incumbent_fuel;
@@ -183,6 +198,11 @@ impl Shadow {
     pub(super) fn skip(&mut self, samples: usize) {
         self.report.skipped_batches += 1;
         self.report.skipped_samples += samples as u64;
+        ShadowSkipped {
+            shadow: &self.report.shadow,
+            shard: self.report.shard,
+        }
+        .emit(&self.metrics);
         self.desynced = true;
     }
 
@@ -228,6 +248,12 @@ impl Shadow {
         };
         let ours = rows(flushed);
         let theirs = rows(&theirs);
+        let before = [
+            self.report.equal,
+            self.report.differing,
+            self.report.missing_in_shadow,
+            self.report.missing_in_incumbent,
+        ];
         let mut bad = 0;
         let note = |report: &mut ShadowReport,
                     (series, bucket): (u64, u64),
@@ -264,6 +290,13 @@ impl Shadow {
                 note(&mut self.report, *key, None, Some((b.0, b.1)));
             }
         }
+        let after = [
+            self.report.equal,
+            self.report.differing,
+            self.report.missing_in_shadow,
+            self.report.missing_in_incumbent,
+        ];
+        self.last_rows = Some([0, 1, 2, 3].map(|i| after[i] - before[i]));
         bad
     }
 
@@ -295,7 +328,19 @@ impl Shadow {
         }
         let shadow_stats = self.instance.as_mut().map(|i| i.stats());
         match shadow_stats {
-            Some(Ok(s)) => self.report.stats = (incumbent_stats.into(), s.into()),
+            Some(Ok(s)) => {
+                self.report.stats = (incumbent_stats.into(), s.into());
+                if let Some(rows) = self.last_rows.take() {
+                    ShadowCompared {
+                        shard: self.report.shard,
+                        incumbent: &self.report.incumbent,
+                        shadow: &self.report.shadow,
+                        rows,
+                        memory: (incumbent_stats.memory_bytes, s.memory_bytes),
+                    }
+                    .emit(&self.metrics);
+                }
+            }
             Some(Err(e)) => self.stop(&e),
             None => {}
         }

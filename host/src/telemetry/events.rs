@@ -786,3 +786,106 @@ impl SinkRetried<'_> {
         metrics.sink_retries.inc();
     }
 }
+
+/// A batch both the incumbent and its shadow put (paired timing).
+#[derive(Debug, Clone, Copy)]
+pub struct ShadowBatch<'a> {
+    /// The incumbent's label.
+    pub incumbent: &'a str,
+    /// The shadow's label.
+    pub shadow: &'a str,
+    /// Incumbent's put time per sample, ns.
+    pub incumbent_ns: f64,
+    /// Shadow's put time per sample, ns.
+    pub shadow_ns: f64,
+}
+
+impl ShadowBatch<'_> {
+    /// No log (per batch); `wagg_ab_put_nanoseconds_per_sample` observed
+    /// for both roles.
+    pub fn emit(&self, metrics: &Metrics) {
+        metrics
+            .ab_put
+            .with_label_values(&[self.incumbent, "incumbent"])
+            .observe(self.incumbent_ns);
+        metrics
+            .ab_put
+            .with_label_values(&[self.shadow, "shadow"])
+            .observe(self.shadow_ns);
+    }
+}
+
+/// A shadow skipped a batch because its shard fell behind.
+#[derive(Debug, Clone, Copy)]
+pub struct ShadowSkipped<'a> {
+    /// The shadow's label.
+    pub shadow: &'a str,
+    /// Shard index.
+    pub shard: u32,
+}
+
+impl ShadowSkipped<'_> {
+    /// DEBUG; `wagg_ab_skipped_batches_total` +1.
+    pub fn emit(&self, metrics: &Metrics) {
+        tracing::debug!(
+            shard = self.shard,
+            module = self.shadow,
+            "Shard behind; the shadow skips a batch."
+        );
+        metrics.ab_skipped.with_label_values(&[self.shadow]).inc();
+    }
+}
+
+/// A shadow's flush compared with the incumbent's.
+#[derive(Debug, Clone, Copy)]
+pub struct ShadowCompared<'a> {
+    /// Shard index.
+    pub shard: u32,
+    /// The incumbent's label.
+    pub incumbent: &'a str,
+    /// The shadow's label.
+    pub shadow: &'a str,
+    /// Rows equal, differing, missing in the shadow, missing in the
+    /// incumbent.
+    pub rows: [u64; 4],
+    /// Linear memory of the incumbent and the shadow, bytes.
+    pub memory: (u64, u64),
+}
+
+impl ShadowCompared<'_> {
+    /// WARN when rows disagree, else nothing; `wagg_ab_rows_total` by
+    /// result, `wagg_ab_memory_bytes` set for both roles.
+    pub fn emit(&self, metrics: &Metrics) {
+        let [equal, differing, missing_shadow, missing_incumbent] = self.rows;
+        if differing + missing_shadow + missing_incumbent > 0 {
+            tracing::warn!(
+                shard = self.shard,
+                module = self.shadow,
+                differing,
+                missing_in_shadow = missing_shadow,
+                missing_in_incumbent = missing_incumbent,
+                "Shadow flush disagrees with the incumbent's."
+            );
+        }
+        for (result, n) in [
+            ("equal", equal),
+            ("differing", differing),
+            ("missing_in_shadow", missing_shadow),
+            ("missing_in_incumbent", missing_incumbent),
+        ] {
+            metrics
+                .ab_rows
+                .with_label_values(&[self.shadow, result])
+                .inc_by(n);
+        }
+        let shard = shard_label(self.shard);
+        metrics
+            .ab_memory
+            .with_label_values(&[self.incumbent, "incumbent", shard.as_str()])
+            .set(i64::try_from(self.memory.0).unwrap_or(i64::MAX));
+        metrics
+            .ab_memory
+            .with_label_values(&[self.shadow, "shadow", shard.as_str()])
+            .set(i64::try_from(self.memory.1).unwrap_or(i64::MAX));
+    }
+}

@@ -147,6 +147,10 @@ pub struct Metrics {
     swap_failures: IntCounterVec,
     module_rollbacks: IntCounterVec,
     module_state: IntGaugeVec,
+    ab_put: HistogramVec,
+    ab_rows: IntCounterVec,
+    ab_skipped: IntCounterVec,
+    ab_memory: IntGaugeVec,
     /// The state line each module has in `module_state`.
     module_states: Mutex<BTreeMap<String, &'static str>>,
     rollout_weight: IntGauge,
@@ -223,6 +227,12 @@ fn histogram_vec(
 
 /// Label names of module families, in the order their values are given.
 const MODULE_SHARD: &[&str] = &["module", "shard"];
+
+/// ns per sample: from a few ns (bulk puts) to tens of µs (single samples,
+/// slow modules).
+const AB_NS_BUCKETS: [f64; 12] = [
+    2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1_000.0, 5_000.0, 20_000.0, 100_000.0,
+];
 
 impl Metrics {
     /// A registry with every family registered, all at zero.
@@ -410,6 +420,31 @@ impl Metrics {
                 "wagg_module_state",
                 "1 for each module and its rollout state (incumbent, candidate, rolled_back).",
                 &["module", "state"],
+            ),
+            ab_put: histogram_vec(
+                &r,
+                "wagg_ab_put_nanoseconds_per_sample",
+                "Put time per sample of each batch on shadowed shards, ns: role `incumbent` (A) and `shadow` (B), on the same batches.",
+                &AB_NS_BUCKETS,
+                &["module", "role"],
+            ),
+            ab_rows: counter_vec(
+                &r,
+                "wagg_ab_rows_total",
+                "Flushed (series, bucket) rows of a shadow compared with the incumbent's, by result (equal, differing, missing_in_shadow, missing_in_incumbent).",
+                &["module", "result"],
+            ),
+            ab_skipped: counter_vec(
+                &r,
+                "wagg_ab_skipped_batches_total",
+                "Batches a shadow skipped because its shard fell behind.",
+                &["module"],
+            ),
+            ab_memory: gauge_vec(
+                &r,
+                "wagg_ab_memory_bytes",
+                "Linear memory of the incumbent and the shadow on a shadowed shard at its last flush, bytes.",
+                &["module", "role", "shard"],
             ),
             module_states: Mutex::new(BTreeMap::new()),
             rollout_weight: gauge(
