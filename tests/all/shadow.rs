@@ -239,3 +239,44 @@ async fn wait_for_batches(running: &Running, batches: usize) -> wagg::admin::ab:
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_that_traps_stops_alone_and_the_incumbent_keeps_exact_totals() {
+    wagg_tests::require_rabbitmq();
+    let vm = VictoriaMetrics::start().await;
+    let names = Names::new("shadow-trap");
+    let _cleanup = names.cleanup(&[]);
+    let data = tempfile::tempdir().unwrap();
+    let running = start(&names, &vm, data.path(), AdminConfig::default()).await;
+    let c = &running.controller;
+    c.upload(
+        wagg_artifacts::MISBEHAVE.bytes.to_vec(),
+        "trap".into(),
+        "1".into(),
+        vec![("mode".into(), "trap-on".into()), ("n".into(), "3".into())],
+    )
+    .await
+    .unwrap();
+    c.start_shadow("trap@1", None, None).await.unwrap();
+    let bodies = messages(300, 25);
+    publish(&names, &bodies).await;
+    let want = expected(&bodies, WIDTH);
+    running.wait_points(want.len()).await;
+    let report = c.ab_report().await.unwrap();
+    assert_eq!(report.stopped.len(), 2, "{report:?}");
+    assert!(
+        report.stopped.values().all(|why| why.contains("trapped")),
+        "{:?}",
+        report.stopped
+    );
+    // The incumbent never failed.
+    let hashmap = c
+        .list()
+        .await
+        .into_iter()
+        .find(|m| m.record.name == "hashmap")
+        .unwrap();
+    assert!(hashmap.failures.is_empty(), "{:?}", hashmap.failures);
+    running.stop().await;
+    compare(&read_back(&vm).await, &want);
+}
