@@ -12,10 +12,14 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use wasmtime::{Config, Engine, OptLevel};
 
-/// Default cap on one instance's linear memory.
-pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
-/// Default fuel granted to every call, whatever its size.
-pub const DEFAULT_FUEL_PER_CALL: u64 = 50_000_000;
+/// Default cap on one instance's linear memory: a shard holding half a
+/// million open rows in the hashmap strategy uses about 60 MiB.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 256 << 20;
+/// Default fuel granted to every call, whatever its size: about a second of
+/// CPU. Not tight on purpose — one `put` may rehash a table of every open row
+/// (measured: 71 M fuel was too little for a 1 056-sample batch at ~250 k
+/// rows), and the budget exists to stop a module that never returns.
+pub const DEFAULT_FUEL_PER_CALL: u64 = 1_000_000_000;
 /// Default extra fuel granted per sample (or per merged row) in a call.
 pub const DEFAULT_FUEL_PER_SAMPLE: u64 = 20_000;
 /// Default time a compile may take before the module is refused.
