@@ -112,24 +112,7 @@ impl VictoriaMetrics {
     async fn try_start() -> Result<VictoriaMetrics, String> {
         let dir = tempfile::tempdir().expect("cannot create a temporary directory");
         let (http, opentsdb) = (free_port(), free_port());
-        let log =
-            File::create(dir.path().join("vm.log")).expect("cannot create the VictoriaMetrics log");
-        let child = Command::new(VICTORIA_METRICS_BIN)
-            .arg(format!(
-                "-storageDataPath={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("-httpListenAddr={http}"))
-            .arg(format!("-opentsdbHTTPListenAddr={opentsdb}"))
-            .arg("-retentionPeriod=100y")
-            .arg("-search.latencyOffset=0s")
-            .arg("-search.disableCache")
-            .arg("-loggerLevel=ERROR")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {VICTORIA_METRICS_BIN}: {e}"));
+        let child = Self::spawn(dir.path(), http, opentsdb);
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
@@ -141,18 +124,74 @@ impl VictoriaMetrics {
             client,
             dir,
         };
+        vm.wait_healthy().await?;
+        Ok(vm)
+    }
+
+    /// Stops the server gracefully (SIGTERM: it writes what it accepted to
+    /// disk first) and waits for it to exit. For sink-outage tests; see
+    /// [`Self::restart`].
+    ///
+    /// # Panics
+    ///
+    /// If the signal cannot be sent.
+    pub fn stop(&mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("cannot run kill");
+        assert!(status.success(), "kill -TERM failed: {status}");
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same ports and data directory, after
+    /// [`Self::stop`], and waits until it is healthy.
+    ///
+    /// # Panics
+    ///
+    /// If it does not become healthy (the panic shows its log).
+    pub async fn restart(&mut self) {
+        self.child = Self::spawn(self.dir.path(), self.http, self.opentsdb);
+        if let Err(log) = self.wait_healthy().await {
+            panic!("VictoriaMetrics did not restart; its log:\n{log}");
+        }
+    }
+
+    fn spawn(dir: &Path, http: SocketAddr, opentsdb: SocketAddr) -> Child {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("vm.log"))
+            .expect("cannot create the VictoriaMetrics log");
+        Command::new(VICTORIA_METRICS_BIN)
+            .arg(format!("-storageDataPath={}", dir.join("data").display()))
+            .arg(format!("-httpListenAddr={http}"))
+            .arg(format!("-opentsdbHTTPListenAddr={opentsdb}"))
+            .arg("-retentionPeriod=100y")
+            .arg("-search.latencyOffset=0s")
+            .arg("-search.disableCache")
+            .arg("-loggerLevel=ERROR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {VICTORIA_METRICS_BIN}: {e}"))
+    }
+
+    /// Waits until the server answers `/health`; `Err` holds its log.
+    async fn wait_healthy(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + VM_START_TIMEOUT;
         loop {
-            if let Ok(Some(status)) = vm.child.try_wait() {
-                return Err(format!("(exited: {status})\n{}", vm.log()));
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("(exited: {status})\n{}", self.log()));
             }
-            if vm.healthy().await {
-                return Ok(vm);
+            if self.healthy().await {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(format!(
                     "(not healthy after {VM_START_TIMEOUT:?})\n{}",
-                    vm.log()
+                    self.log()
                 ));
             }
             tokio::time::sleep(Duration::from_millis(25)).await;

@@ -37,7 +37,7 @@ use proptest::test_runner::TestRunner;
 use tokio::sync::Notify;
 use wagg::pipeline::checkpoint::CheckpointStore;
 use wagg::pipeline::{self, Drain, Parts, PipelineConfig, PipelineCounters, Source};
-use wagg::router::{RouterConfig, Rollup, Tag};
+use wagg::router::{Rollup, RouterConfig, Tag};
 use wagg::runtime::{Runtime, RuntimeLimits};
 use wagg::shard::Assignment;
 use wagg::sink::{OpenTsdbConfig, Point, Sink, SinkConfig};
@@ -144,7 +144,11 @@ impl Broker {
     /// confirmed by the sink.
     fn durable(&self, id: u32) -> Result<(), String> {
         let customer = customer_of(id).to_string();
-        let want = if id == u32::MAX { 0.0 } else { f64::from(id) + 1.0 };
+        let want = if id == u32::MAX {
+            0.0
+        } else {
+            f64::from(id) + 1.0
+        };
         let cp = CheckpointStore::new(&self.data_dir)
             .load()
             .map_err(|e| e.to_string())?;
@@ -167,10 +171,14 @@ impl Broker {
             found.push(("sink", v));
         }
         if found.is_empty() {
-            return Err(format!("message {id} acked but its effect is nowhere durable"));
+            return Err(format!(
+                "message {id} acked but its effect is nowhere durable"
+            ));
         }
         if id != u32::MAX && found.iter().any(|(_, v)| *v != want) {
-            return Err(format!("message {id} acked; want {want}, durable: {found:?}"));
+            return Err(format!(
+                "message {id} acked; want {want}, durable: {found:?}"
+            ));
         }
         Ok(())
     }
@@ -240,7 +248,8 @@ impl Source for FakeSource {
             return Ok(false);
         }
         if tag.tag >= b.next_tag {
-            b.violations.push(format!("{tag:?} acked but never delivered"));
+            b.violations
+                .push(format!("{tag:?} acked but never delivered"));
             return Ok(false);
         }
         let fault = std::mem::replace(&mut b.ack_fault, AckFault::None);
@@ -252,8 +261,9 @@ impl Source for FakeSource {
         let covered: Vec<(u64, u32)> = b.unacked.range(..=tag.tag).map(|(t, i)| (*t, *i)).collect();
         for (t, id) in covered {
             if malformed(id) {
-                b.violations
-                    .push(format!("malformed message {id} (tag {t}) acked without a dead letter"));
+                b.violations.push(format!(
+                    "malformed message {id} (tag {t}) acked without a dead letter"
+                ));
             } else if let Err(e) = b.durable(id) {
                 b.violations.push(e);
             }
@@ -271,24 +281,32 @@ impl Source for FakeSource {
         Ok(true)
     }
 
-    async fn dead_letter(&self, d: &Delivery, _code: &str, _reason: &str) -> Result<(), SourceError> {
+    async fn dead_letter(
+        &self,
+        d: &Delivery,
+        _code: &str,
+        _reason: &str,
+    ) -> Result<(), SourceError> {
         let mut b = self.broker.lock().unwrap();
         if d.tag.generation != self.generation(&b) {
             return Ok(()); // comes back as a redelivery
         }
         if d.tag.tag <= b.acked_upto {
-            b.violations.push(format!("{:?} dead-lettered after its ack", d.tag));
+            b.violations
+                .push(format!("{:?} dead-lettered after its ack", d.tag));
             return Ok(());
         }
         if b.dead_letter_fails {
             return Err(SourceError::Nacked);
         }
         let Some(id) = b.unacked.remove(&d.tag.tag) else {
-            b.violations.push(format!("{:?} dead-lettered twice", d.tag));
+            b.violations
+                .push(format!("{:?} dead-lettered twice", d.tag));
             return Ok(());
         };
         if !malformed(id) {
-            b.violations.push(format!("valid message {id} dead-lettered"));
+            b.violations
+                .push(format!("valid message {id} dead-lettered"));
         }
         if b.settled.insert(id, Settled::DeadLettered).is_some() {
             b.violations.push(format!("message {id} settled twice"));
@@ -336,7 +354,10 @@ fn serve(sink: Arc<FakeSink>) -> (String, tokio::runtime::Runtime) {
                 let points: Vec<Point> = serde_json::from_slice(&body).unwrap();
                 let mut writes = sink.writes.lock().unwrap();
                 for p in points {
-                    writes.entry(p.tags["customer"].clone()).or_default().push(p.value);
+                    writes
+                        .entry(p.tags["customer"].clone())
+                        .or_default()
+                        .push(p.value);
                 }
                 StatusCode::NO_CONTENT
             }
@@ -365,7 +386,12 @@ struct Incarnation {
 }
 
 impl Incarnation {
-    fn start(broker: &Arc<Mutex<Broker>>, notify: &Arc<Notify>, sink_url: &str, dir: &Path) -> Self {
+    fn start(
+        broker: &Arc<Mutex<Broker>>,
+        notify: &Arc<Notify>,
+        sink_url: &str,
+        dir: &Path,
+    ) -> Self {
         let (runtime, assignment) = wasm().clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -528,7 +554,10 @@ fn run_case(ops: &[Op]) -> Result<String, String> {
             }
         }
         if host.failed() {
-            return Err(format!("the pipeline stopped: {:?}", host.rt.block_on(host.task)));
+            return Err(format!(
+                "the pipeline stopped: {:?}",
+                host.rt.block_on(host.task)
+            ));
         }
     }
     // Heal everything, publish the rest and the watermark pusher, and wait
@@ -542,11 +571,18 @@ fn run_case(ops: &[Op]) -> Result<String, String> {
     sink.down.store(false, Ordering::SeqCst);
     notify.notify_one();
     let ids: Vec<u32> = (0..next_id.max(40)).chain([u32::MAX]).collect();
-    let valid: Vec<u32> = ids.iter().copied().filter(|&i| !malformed(i) && i != u32::MAX).collect();
+    let valid: Vec<u32> = ids
+        .iter()
+        .copied()
+        .filter(|&i| !malformed(i) && i != u32::MAX)
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let settled = broker.lock().unwrap().settled.len();
-        let written = valid.iter().filter(|&&i| sink.last(&customer_of(i).to_string()).is_some()).count();
+        let written = valid
+            .iter()
+            .filter(|&&i| sink.last(&customer_of(i).to_string()).is_some())
+            .count();
         if settled == ids.len() && written == valid.len() {
             break;
         }
@@ -567,9 +603,16 @@ fn run_case(ops: &[Op]) -> Result<String, String> {
     let b = broker.lock().unwrap();
     let mut problems = b.violations.clone();
     for &i in &ids {
-        let want = if malformed(i) { Settled::DeadLettered } else { Settled::Acked };
+        let want = if malformed(i) {
+            Settled::DeadLettered
+        } else {
+            Settled::Acked
+        };
         if b.settled.get(&i) != Some(&want) {
-            problems.push(format!("message {i} ended {:?}, not {want:?}", b.settled.get(&i)));
+            problems.push(format!(
+                "message {i} ended {:?}, not {want:?}",
+                b.settled.get(&i)
+            ));
         }
     }
     if !b.unacked.is_empty() || !b.queue.is_empty() {
@@ -580,7 +623,9 @@ fn run_case(ops: &[Op]) -> Result<String, String> {
         let values = &writes[&customer_of(i).to_string()];
         let want = f64::from(i) + 1.0;
         if values.iter().any(|v| *v != want) {
-            problems.push(format!("message {i}: points written {values:?}, want {want}"));
+            problems.push(format!(
+                "message {i}: points written {values:?}, want {want}"
+            ));
         }
     }
     if problems.is_empty() {

@@ -24,7 +24,7 @@ pub(crate) const KEY: &str = "metrics";
 /// Longest wait for one delivery.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn uri() -> String {
+pub(crate) fn uri() -> String {
     format!("amqp://guest:guest@{RABBITMQ_ADDR}/%2f")
 }
 
@@ -203,7 +203,7 @@ fn expected(range: std::ops::Range<usize>) -> Vec<String> {
 
 /// Closes, via `rabbitmqctl`, the broker connection whose `connection_name`
 /// client property is `name`.
-fn close_connection_named(name: &str) {
+pub(crate) fn close_connection_named(name: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     let pid = loop {
         let out = Command::new("rabbitmqctl")

@@ -301,9 +301,11 @@ fn decoder_accepts_valid_messages_and_refuses_mutations_with_a_code() {
                 let fits = |s: &Value| s.as_str().is_none_or(|s| (1..=16).contains(&s.len()));
                 let ok = fits(&msg["pop"])
                     && fits(&msg["host"])
-                    && msg["metrics"].as_array().unwrap().iter().all(|m| {
-                        ["zone", "record", "type"].iter().all(|f| fits(&m[*f]))
-                    });
+                    && msg["metrics"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .all(|m| ["zone", "record", "type"].iter().all(|f| fits(&m[*f])));
                 prop_assert_eq!(decoded.is_ok(), ok, "{:?}", decoded);
                 if let Ok(d) = decoded {
                     prop_assert_eq!(d.time, msg["time"].as_u64().unwrap());
@@ -405,7 +407,11 @@ fn module_validation_never_panics_on_mutated_components() {
                 }
                 Err(e) => {
                     prop_assert!(!e.to_string().is_empty());
-                    format!("{:?}", e).split(['(', ' ', '{']).next().unwrap().to_string()
+                    format!("{:?}", e)
+                        .split(['(', ' ', '{'])
+                        .next()
+                        .unwrap()
+                        .to_string()
                 }
             };
             *outcomes.borrow_mut().entry(label).or_default() += 1;
@@ -456,7 +462,10 @@ fn hostile_corpus() -> Vec<(&'static str, Vec<u8>)> {
         ("bad_json", good("-1764000000", "\"lga\"", "1")),
         ("bad_json", good("1764000000.5", "\"lga\"", "1")),
         ("bad_field", good("1764000000", "\"\"", "1")),
-        ("bad_field", good("1764000000", &format!("\"{}\"", "x".repeat(256)), "1")),
+        (
+            "bad_field",
+            good("1764000000", &format!("\"{}\"", "x".repeat(256)), "1"),
+        ),
         ("bad_json", good("1764000000", "\"\\ud800\"", "1")),
         ("bad_json", good("1764000000", "null", "1")),
         (
@@ -465,7 +474,10 @@ fn hostile_corpus() -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("bad_json", b"".to_vec()),
         ("bad_json", b"null".to_vec()),
-        ("bad_json", good("1764000000", "\"lga\"", "1")[..40].to_vec()),
+        (
+            "bad_json",
+            good("1764000000", "\"lga\"", "1")[..40].to_vec(),
+        ),
         (
             "bad_json",
             [&b"\xef\xbb\xbf"[..], &good("1764000000", "\"lga\"", "1")].concat(),
@@ -537,7 +549,11 @@ async fn hostile_messages_are_dead_lettered_with_their_reason_and_valid_totals_s
     }
     for (code, n) in &by_code {
         assert_eq!(
-            metric(&text, "wagg_messages_dead_lettered_total", &[("reason", code)]),
+            metric(
+                &text,
+                "wagg_messages_dead_lettered_total",
+                &[("reason", code)]
+            ),
             *n,
             "{code}"
         );
@@ -568,5 +584,10 @@ async fn hostile_messages_are_dead_lettered_with_their_reason_and_valid_totals_s
         .collect();
     want_dead.sort();
     dead.sort();
-    assert!(dead == want_dead, "{} dead letters, {} expected", dead.len(), want_dead.len());
+    assert!(
+        dead == want_dead,
+        "{} dead letters, {} expected",
+        dead.len(),
+        want_dead.len()
+    );
 }

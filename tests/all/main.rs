@@ -9,6 +9,7 @@ mod faults;
 mod harness;
 mod pipeline;
 mod rollout;
+mod security;
 mod shadow;
 mod sink;
 mod traffic;

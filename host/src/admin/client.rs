@@ -541,14 +541,14 @@ pub fn ab_table(r: &super::ab::AbReport) -> String {
     row(&mut out, "flush time", a.flush_ms, b.flush_ms, "ms");
     row(
         &mut out,
-        "memory now",
+        "memory now, all shards",
         a.memory_bytes as f64 / 1024.0,
         b.memory_bytes as f64 / 1024.0,
         "Ki",
     );
     row(
         &mut out,
-        "memory peak",
+        "memory peak, one shard",
         a.memory_peak_bytes as f64 / 1024.0,
         b.memory_peak_bytes as f64 / 1024.0,
         "Ki",

@@ -1017,6 +1017,10 @@ pub struct AmqpSource {
     acker: AmqpAcker,
     link: Option<Link>,
     backoff: Backoff,
+    /// The reconnect under way, in a task of its own: the pipeline polls
+    /// [`AmqpSource::next`] in a `select!` and drops it at every tick, and
+    /// a reconnect that started over each time would never finish.
+    reconnecting: Option<tokio::task::JoinHandle<(Opened, u32, Backoff)>>,
     closed: bool,
     /// Where reconnects are counted ([`AmqpSource::set_metrics`]; a
     /// registry of its own until then).
@@ -1109,6 +1113,7 @@ impl AmqpSource {
             shared,
             link: None,
             backoff,
+            reconnecting: None,
             closed: false,
             metrics: crate::telemetry::Metrics::new(),
             cfg,
@@ -1258,6 +1263,9 @@ impl AmqpSource {
     /// connection is gone either way).
     pub async fn close(&mut self) -> Result<(), SourceError> {
         self.closed = true;
+        if let Some(reconnecting) = self.reconnecting.take() {
+            reconnecting.abort();
+        }
         self.shared.acks.lock().await.consume = None;
         if let Some(dead_letters) = self.shared.dead_letters.lock().await.take()
             && dead_letters.connection.status().connected()
@@ -1322,36 +1330,63 @@ impl AmqpSource {
     }
 
     /// Reconnects with backoff until it succeeds.
+    ///
+    /// Cancel-safe: the attempts run in a task of their own, which a
+    /// cancelled call leaves running and the next call waits for.
     async fn reconnect(&mut self) {
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            let delay = self.backoff.next_delay();
-            tokio::time::sleep(delay).await;
-            match establish(&self.cfg).await {
-                Ok(opened) => {
-                    self.install(opened).await;
-                    self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
-                    crate::telemetry::SourceReconnected {
-                        generation: self.generation(),
-                        attempt,
+        let task = self.reconnecting.get_or_insert_with(|| {
+            let cfg = self.cfg.clone();
+            let mut backoff = self.backoff.clone();
+            tokio::spawn(async move {
+                let mut attempt = 0u32;
+                loop {
+                    attempt += 1;
+                    let delay = backoff.next_delay();
+                    tokio::time::sleep(delay).await;
+                    match establish(&cfg).await {
+                        Ok(opened) => return (opened, attempt, backoff),
+                        Err(EstablishError::Connect(error)) => warn!(
+                            attempt,
+                            delay_ms = delay.as_millis() as u64,
+                            uri = %redact(&cfg.uri),
+                            error = %Chain(&error),
+                            "Could not reconnect to RabbitMQ; retrying."
+                        ),
+                        Err(EstablishError::Setup(error)) => error!(
+                            attempt,
+                            error = %Chain(&error),
+                            "Reconnected to RabbitMQ but could not set up the queue; retrying."
+                        ),
                     }
-                    .emit(&self.metrics);
-                    return;
                 }
-                Err(EstablishError::Connect(error)) => warn!(
+            })
+        });
+        let outcome = task.await;
+        self.reconnecting = None;
+        // Nothing below waits (the ack state's lock is free while `next()`
+        // runs), so the new connection cannot be lost to a cancellation.
+        match outcome {
+            Ok((opened, attempt, backoff)) => {
+                self.backoff = backoff;
+                self.install(opened).await;
+                self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::SourceReconnected {
+                    generation: self.generation(),
                     attempt,
-                    delay_ms = delay.as_millis() as u64,
-                    uri = %redact(&self.cfg.uri),
-                    error = %Chain(&error),
-                    "Could not reconnect to RabbitMQ; retrying."
-                ),
-                Err(EstablishError::Setup(error)) => error!(
-                    attempt,
-                    error = %Chain(&error),
-                    "Reconnected to RabbitMQ but could not set up the queue; retrying."
-                ),
+                }
+                .emit(&self.metrics);
             }
+            // Only a panic gets here (the task is aborted by `close()` and
+            // `drop` alone): the next call starts afresh.
+            Err(error) => error!(error = %error, "The reconnect task failed; starting again."),
+        }
+    }
+}
+
+impl Drop for AmqpSource {
+    fn drop(&mut self) {
+        if let Some(reconnecting) = self.reconnecting.take() {
+            reconnecting.abort();
         }
     }
 }
