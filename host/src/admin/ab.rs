@@ -34,6 +34,9 @@ pub struct AbReport {
     /// What shadowing costs: put time per sample with the shadow (A + B)
     /// relative to A alone, on the shadowed shards.
     pub shadow_cost: f64,
+    /// Samples per second one shard can put, from the measured put times:
+    /// A alone, and A with the shadow.
+    pub shard_capacity: (f64, f64),
     /// Batches the shadow skipped because a shard fell behind.
     pub skipped_batches: u64,
     /// Samples in those batches.

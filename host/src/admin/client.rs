@@ -507,8 +507,8 @@ pub fn ab_table(r: &super::ab::AbReport) -> String {
     );
     let _ = writeln!(
         out,
-        "shadowing cost: put time with the shadow {:.2}x of A alone; batches skipped by the shadow: {}",
-        r.shadow_cost, r.skipped_batches
+        "shadowing cost: put time with the shadow {:.2}x of A alone; one shard puts {:.0} samples/s alone, {:.0} with the shadow; batches skipped by the shadow: {}",
+        r.shadow_cost, r.shard_capacity.0, r.shard_capacity.1, r.skipped_batches
     );
     let _ = writeln!(out, "{:<26} {:>14} {:>14} {:>9}", "", "A", "B", "B/A");
     let row = |out: &mut String, name: &str, x: f64, y: f64, unit: &str| {
