@@ -465,8 +465,25 @@ impl fmt::Display for Chain<'_> {
     }
 }
 
+/// A new channel on `connection` in publisher-confirm mode.
+///
+/// # Errors
+///
+/// [`SourceError::Amqp`] if the broker refuses either step.
+pub(crate) async fn confirm_channel(connection: &Connection) -> Result<Channel, SourceError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(amqp("channel.open"))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(amqp("confirm.select"))?;
+    Ok(channel)
+}
+
 /// The URI without its password, for logs and errors.
-fn redact(uri: &str) -> String {
+pub(crate) fn redact(uri: &str) -> String {
     let Some(scheme_end) = uri.find("://").map(|i| i + 3) else {
         return uri.to_owned();
     };
@@ -637,14 +654,7 @@ async fn open_dead_letter_link(shared: &Shared) -> Result<DeadLetterLink, Source
             attempts: 1,
             source,
         })?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(amqp("channel.open"))?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(amqp("confirm.select"))?;
+    let channel = confirm_channel(&connection).await?;
     Ok(DeadLetterLink {
         connection,
         channel,
@@ -1436,14 +1446,7 @@ impl AmqpPublisher {
                     attempts: 1,
                     source,
                 })?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(amqp("channel.open"))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(amqp("confirm.select"))?;
+        let channel = confirm_channel(&connection).await?;
         Ok(Self {
             connection,
             channel,

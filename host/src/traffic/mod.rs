@@ -99,26 +99,7 @@ pub enum TrafficError {
     },
 }
 
-/// The URI without its password, for errors and logs.
-pub(crate) fn redact(uri: &str) -> String {
-    let Some(scheme_end) = uri.find("://").map(|i| i + 3) else {
-        return uri.to_owned();
-    };
-    let rest = &uri[scheme_end..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => match rest[..at].find(':') {
-            Some(colon) => format!(
-                "{}{}:***{}",
-                &uri[..scheme_end],
-                &rest[..colon],
-                &rest[at..]
-            ),
-            None => uri.to_owned(),
-        },
-        None => uri.to_owned(),
-    }
-}
+pub(crate) use crate::source::amqp::redact;
 
 #[cfg(test)]
 mod tests {

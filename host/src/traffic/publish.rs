@@ -108,14 +108,7 @@ impl Publisher {
             let _ = connection.close(200, "no such exchange".into()).await;
             return Err(e);
         }
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(amqp("channel.open"))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(amqp("confirm.select"))?;
+        let channel = crate::source::amqp::confirm_channel(&connection).await?;
         let counts = Arc::new(PublishCounts::default());
         let (tx, rx) = mpsc::channel(PUBLISH_WINDOW);
         let confirmer = tokio::spawn(confirm_in_order(rx, counts.clone()));
