@@ -886,13 +886,18 @@ impl<S: Source> Coordinator<S> {
     async fn checkpoint(&mut self) -> Result<(), PipelineError> {
         let started = Instant::now();
         self.send_all_batches().await?;
-        let mut rows = Vec::new();
+        // Every shard snapshots at once; then the replies are collected.
+        let mut replies = Vec::with_capacity(self.shards.len());
         for shard in &self.shards {
             let (tx, rx) = oneshot::channel();
             shard
                 .send(Command::Snapshot(tx))
                 .await
                 .map_err(|_| PipelineError::ShardStopped)?;
+            replies.push(rx);
+        }
+        let mut rows = Vec::new();
+        for rx in replies {
             rows.extend(rx.await.map_err(|_| PipelineError::ShardStopped)?);
         }
         let cp = Checkpoint {
