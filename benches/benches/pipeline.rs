@@ -1,0 +1,148 @@
+//! The host's per-item costs around the module: JSON decode per metric,
+//! routing (shard hashing and series-key building) per metric, dictionary
+//! interning per sample, and OpenTSDB JSON encoding per point.
+//!
+//! `cargo bench -p wagg-benches --bench pipeline`
+//!
+//! Input is the generator's default traffic (100 metrics per message,
+//! 1000 customers, Zipf 1.1, 25 POPs) and the default router (2 shards,
+//! three rollups: every metric becomes three samples).
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use wagg::router::{KeyBatch, Router, RouterConfig};
+use wagg::shard::Dictionary;
+use wagg::sink::{Point, encode_json};
+use wagg::source::generator::{Generator, GeneratorConfig};
+use wagg::source::json::{Decoder, JsonDecoder};
+
+const BUCKET_SECONDS: u32 = 60;
+/// Messages cycled through.
+const MESSAGES: usize = 64;
+/// Points per OpenTSDB request body.
+const POINTS: usize = 1000;
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+}
+
+fn messages() -> (Vec<Vec<u8>>, usize) {
+    let cfg = GeneratorConfig::default();
+    let per_message = cfg.metrics_per_message;
+    let start = cfg.start_time;
+    let mut generator = Generator::new(cfg, BUCKET_SECONDS).unwrap();
+    let bodies = (0..MESSAGES as u64)
+        .map(|i| generator.message(start + i))
+        .collect();
+    (bodies, per_message)
+}
+
+fn decode(c: &mut Criterion) {
+    let (bodies, per_message) = messages();
+    let decoder = JsonDecoder::default();
+    let mut group = c.benchmark_group("decode");
+    group.throughput(Throughput::Elements(per_message as u64));
+    let mut k = 0;
+    group.bench_function("json/per-metric", |b| {
+        b.iter(|| {
+            k = (k + 1) % bodies.len();
+            black_box(decoder.decode(&bodies[k]).unwrap());
+        })
+    });
+    group.finish();
+}
+
+fn route(c: &mut Criterion) {
+    let (bodies, per_message) = messages();
+    let decoder = JsonDecoder::default();
+    let decoded: Vec<_> = bodies.iter().map(|b| decoder.decode(b).unwrap()).collect();
+    let config = Arc::new(RouterConfig::default());
+    let router = Router::new(config.clone());
+    let mut batches: Vec<KeyBatch> = (0..config.shards)
+        .map(|_| KeyBatch::with_capacity(4 * per_message))
+        .collect();
+
+    let mut group = c.benchmark_group("router");
+    group.throughput(Throughput::Elements(per_message as u64));
+    let mut k = 0;
+    group.bench_function("hash+keys/per-metric", |b| {
+        b.iter(|| {
+            k = (k + 1) % decoded.len();
+            batches.iter_mut().for_each(KeyBatch::clear);
+            black_box(router.route(&decoded[k], &mut batches));
+        })
+    });
+    group.finish();
+
+    // Interning: every message's samples, in steady state (every key
+    // already known, as for a series seen before in the window).
+    let routed: Vec<Vec<KeyBatch>> = decoded
+        .iter()
+        .map(|msg| {
+            let mut out: Vec<KeyBatch> = (0..config.shards).map(|_| KeyBatch::default()).collect();
+            router.route(msg, &mut out);
+            out
+        })
+        .collect();
+    let bucket = 1_764_133_200;
+    let mut dict = Dictionary::new();
+    for batch in routed.iter().flatten() {
+        for s in batch.samples() {
+            dict.intern(batch.key(s), bucket);
+        }
+    }
+    let samples = routed.iter().flatten().map(KeyBatch::len).sum::<usize>();
+    let mut group = c.benchmark_group("dictionary");
+    group.throughput(Throughput::Elements(samples as u64));
+    group.bench_function("intern/per-sample", |b| {
+        b.iter(|| {
+            for batch in routed.iter().flatten() {
+                for s in batch.samples() {
+                    black_box(dict.intern(batch.key(s), bucket));
+                }
+            }
+        })
+    });
+    group.finish();
+}
+
+fn encode(c: &mut Criterion) {
+    let points: Vec<Point> = (0..POINTS as u64)
+        .map(|i| Point {
+            metric: "dns.queries".into(),
+            timestamp: 1_764_133_200 + 60 * (i % 5),
+            value: (i * 37 % 1000) as f64 + 0.5,
+            tags: BTreeMap::from([
+                ("rollup".into(), "zone".into()),
+                ("customer".into(), (i % 1000).to_string()),
+                ("zone".into(), format!("zone-{}.example.com", i % 4)),
+                ("pop".into(), format!("pop{:02}", i % 25)),
+            ]),
+        })
+        .collect();
+    let mut out = Vec::with_capacity(256 * POINTS);
+    let mut group = c.benchmark_group("encode");
+    group.throughput(Throughput::Elements(POINTS as u64));
+    group.bench_function("opentsdb-json/per-point", |b| {
+        b.iter(|| {
+            out.clear();
+            encode_json(&points, &mut out);
+            black_box(out.len());
+        })
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = decode, route, encode
+}
+criterion_main!(benches);
