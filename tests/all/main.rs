@@ -7,6 +7,7 @@ mod amqp;
 mod bad_input;
 mod faults;
 mod harness;
+mod hostile;
 mod pipeline;
 mod rollout;
 mod security;
