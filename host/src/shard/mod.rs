@@ -726,7 +726,16 @@ impl Shard {
             error: err.to_string(),
             fell_back: fall_back,
         });
-        self.rebuild()
+        match self.rebuild() {
+            Ok(()) => Ok(()),
+            // The module fails again on the data it has to replay (a module
+            // that loops or traps on that data): the fallback takes over now,
+            // rather than the shard halting on the module's first failure.
+            Err(again) if !self.current.same_as(&self.spec.fallback) => {
+                self.recover(&again, REBUILDS_BEFORE_FALLBACK + 1)
+            }
+            Err(again) => Err(again),
+        }
     }
 
     /// Hot swap: the running module exports its open buckets, a new instance
