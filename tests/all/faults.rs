@@ -43,6 +43,7 @@ use wagg::source::json::JsonDecoder;
 use wagg_tests::VictoriaMetrics;
 
 use crate::amqp::{KEY, Names, close_connection_named, ready};
+use crate::fault_proxy::{Fault, FaultProxy};
 use crate::harness::{Totals, WIDTH, compare, expected};
 
 const T0: u64 = 1_764_000_000;
@@ -612,13 +613,7 @@ async fn a_sink_outage_holds_deliveries_bounds_pending_points_and_recovers_exact
             .await
             .unwrap(),
     );
-    let mut max_seen = 0.0f64;
-    let outage = Instant::now();
-    while outage.elapsed() < Duration::from_secs(4) {
-        let text = host.metrics.render();
-        max_seen = max_seen.max(metric(&text, "wagg_sink_pending_points", &[]));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let max_seen = max_pending_during(&host, Duration::from_secs(4)).await;
     let taken = host.counters.messages.load(Ordering::Relaxed);
     let cp = wagg::pipeline::checkpoint::CheckpointStore::new(data.path())
         .load()
@@ -634,14 +629,7 @@ async fn a_sink_outage_holds_deliveries_bounds_pending_points_and_recovers_exact
     compare(&got, &want);
     assert_eq!(ready(&names.queue()).await, 0, "everything acked");
 
-    // The bound: `max_pending_points`, plus what the flushes under way when
-    // it was reached add (the buckets one or two ticks close).
-    let mut per_bucket = BTreeMap::<u64, usize>::new();
-    for (_, bucket) in want.keys() {
-        *per_bucket.entry(*bucket).or_default() += 1;
-    }
-    let largest = per_bucket.values().copied().max().unwrap();
-    let bound = (max_pending + 2 * largest) as f64;
+    let bound = pending_bound(max_pending, &want);
     eprintln!(
         "sink outage: max pending {max_seen} points (bound {bound}, max_pending_points {max_pending}, total {}), {taken} of {} messages taken during the outage, {} points in the checkpoint, {} retries",
         want.len(),
@@ -663,4 +651,113 @@ async fn a_sink_outage_holds_deliveries_bounds_pending_points_and_recovers_exact
         "unconfirmed points are not checkpointed"
     );
     assert!(metric(&text, "wagg_sink_retries_total", &[]) > 0.0);
+}
+
+/// The largest `wagg_sink_pending_points` seen on `/metrics` over `watch`.
+async fn max_pending_during(host: &InProcess, watch: Duration) -> f64 {
+    let mut max_seen = 0.0f64;
+    let started = Instant::now();
+    while started.elapsed() < watch {
+        let text = host.metrics.render();
+        max_seen = max_seen.max(metric(&text, "wagg_sink_pending_points", &[]));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    max_seen
+}
+
+/// The memory bound of an outage, in points: `max_pending_points`, plus
+/// what the flushes under way when it was reached add (the buckets one or
+/// two ticks close).
+fn pending_bound(max_pending: usize, want: &Totals) -> f64 {
+    let mut per_bucket = BTreeMap::<u64, usize>::new();
+    for (_, bucket) in want.keys() {
+        *per_bucket.entry(*bucket).or_default() += 1;
+    }
+    let largest = per_bucket.values().copied().max().unwrap_or(0);
+    (max_pending + 2 * largest) as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_answering_errors_then_slowly_loses_nothing_and_rewrites_nothing_differently() {
+    wagg_tests::require_rabbitmq();
+    let vm = VictoriaMetrics::start().await;
+    let proxy = FaultProxy::start(&vm.opentsdb_url()).await;
+    let names = Names::new("sink-faults");
+    let _cleanup = names.cleanup(&[]);
+    let amqp = names.config();
+    let data = tempfile::tempdir().unwrap();
+    let max_pending = 500;
+    let timeout = Duration::from_millis(800);
+    let host = InProcess::start(
+        amqp.clone(),
+        OpenTsdbConfig {
+            max_retries: 2,
+            retry_base_ms: 20,
+            retry_max_ms: 200,
+            timeout_ms: timeout.as_millis() as u64,
+            ..OpenTsdbConfig::new(proxy.url())
+        },
+        PipelineConfig {
+            max_pending_points: max_pending,
+            ..pipeline_config(data.path())
+        },
+    )
+    .await;
+    let first = messages(0, 600, 61, 0.1);
+    let mut confirmed = publish_slowly(&amqp, first, 200, Duration::ZERO)
+        .await
+        .unwrap();
+    wait_for(&vm, &expected(&confirmed, WIDTH)).await;
+
+    // 503 for every write while two more buckets arrive.
+    proxy.set(Fault::Status(503));
+    let second = messages(600, 1800, 62, 0.1);
+    confirmed.extend(
+        publish_slowly(&amqp, second, 500, Duration::ZERO)
+            .await
+            .unwrap(),
+    );
+    let max_in_errors = max_pending_during(&host, Duration::from_secs(3)).await;
+
+    // Then slower than the sink's timeout: each write lands, but wagg does
+    // not hear so and writes it again, which must be the same value.
+    proxy.set(Fault::Slow(timeout * 2));
+    let third = messages(1800, 1200, 63, 0.1);
+    confirmed.extend(
+        publish_slowly(&amqp, third, 500, Duration::ZERO)
+            .await
+            .unwrap(),
+    );
+    let max_in_slow = max_pending_during(&host, Duration::from_secs(4)).await;
+    let text = host.metrics.render();
+
+    proxy.set(Fault::Pass);
+    let want = expected(&confirmed, WIDTH);
+    let (got, rewrites) = wait_for(&vm, &want).await;
+    host.stop().await;
+    compare(&got, &want);
+    assert_eq!(ready(&names.queue()).await, 0, "everything acked");
+
+    let [passed, refused, slow] = proxy.answered();
+    let bound = pending_bound(max_pending, &want);
+    eprintln!(
+        "sink faults: {refused} writes answered 503, {slow} answered after {:?}, {passed} passed; max pending {max_in_errors} (503s) and {max_in_slow} (slow), bound {bound}; {} retries; {rewrites} points rewritten with the same value; {} points exact",
+        timeout * 2,
+        metric(&text, "wagg_sink_retries_total", &[]),
+        want.len()
+    );
+    assert!(refused > 0 && slow > 0, "{:?}", proxy.answered());
+    assert!(metric(&text, "wagg_sink_retries_total", &[]) > 0.0);
+    assert!(
+        max_in_errors > max_pending as f64,
+        "the 503s never filled the outbox"
+    );
+    assert!(
+        max_in_errors <= bound,
+        "{max_in_errors} pending points, bound {bound}"
+    );
+    assert!(
+        max_in_slow <= bound,
+        "{max_in_slow} pending points, bound {bound}"
+    );
 }

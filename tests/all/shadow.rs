@@ -277,6 +277,22 @@ async fn a_shadow_that_traps_stops_alone_and_the_incumbent_keeps_exact_totals() 
         .find(|m| m.record.name == "hashmap")
         .unwrap();
     assert!(hashmap.failures.is_empty(), "{:?}", hashmap.failures);
+    // The shadow's failures are in the module list, one per shard it ran on
+    // (the controller hears of them through the shards' events).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let trap = c
+            .list()
+            .await
+            .into_iter()
+            .find(|m| m.record.name == "trap")
+            .unwrap();
+        if trap.failures.get("shadow trap") == Some(&2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", trap.failures);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     running.stop().await;
     compare(&read_back(&vm).await, &want);
 }

@@ -570,6 +570,21 @@ impl Controller {
         }
     }
 
+    /// Counts a shadow's failure in the module list, as `shadow <kind>`: the
+    /// shadow has stopped on that shard and never carried data, so there is
+    /// nothing to roll back, but an operator deciding on a rollout needs to
+    /// see it.
+    async fn on_shadow_failure(&self, shard: u32, module: &str, kind: &str, error: &str) {
+        tracing::warn!(shard, module, kind, error, "A shadow module failed.");
+        let mut state = self.state.lock().await;
+        *state
+            .failures
+            .entry(module.to_string())
+            .or_default()
+            .entry(format!("shadow {kind}"))
+            .or_default() += 1;
+    }
+
     /// Counts a module failure; rolls the candidate back when the breaker
     /// trips.
     async fn on_failure(&self, shard: u32, module: &str, kind: &str, error: &str, fell_back: bool) {
@@ -781,6 +796,16 @@ async fn breaker(
                 module,
                 rows,
             } => controller.on_divergence(shard, &module, rows).await,
+            ShardEvent::ShadowFailed {
+                shard,
+                module,
+                kind,
+                error,
+            } => {
+                controller
+                    .on_shadow_failure(shard, &module, kind, &error)
+                    .await
+            }
             ShardEvent::Swapped { .. } => {}
         }
     }

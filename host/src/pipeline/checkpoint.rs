@@ -10,10 +10,11 @@
 //! without being counted again.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::cache::write_atomic;
+use crate::runtime::cache::write_atomic_with;
 use crate::shard::StateRow;
 use crate::sink::Point;
 
@@ -32,10 +33,76 @@ pub struct Checkpoint {
     /// Open buckets of every shard.
     pub rows: Vec<StateRow>,
     /// Flushed points the sink has not confirmed.
-    pub pending: Vec<Point>,
+    pub pending: Pending,
     /// XXH3 hashes of counted messages whose acknowledgement the broker had
     /// not confirmed (see [`super::dedup`]).
     pub recent_messages: Vec<u64>,
+}
+
+/// The flushed points of a checkpoint, as the outbox's jobs: taking a
+/// checkpoint shares them instead of copying hundreds of thousands of
+/// points (each with its own tag map). On disk it is one flat list of
+/// points, as in version 1 from the start.
+#[derive(Debug, Clone, Default)]
+pub struct Pending(Vec<Arc<Vec<Point>>>);
+
+impl Pending {
+    /// The points of `jobs`, in order.
+    pub fn from_jobs(jobs: Vec<Arc<Vec<Point>>>) -> Self {
+        Pending(jobs)
+    }
+
+    /// Number of points.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|j| j.len()).sum()
+    }
+
+    /// Whether there is no point.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|j| j.is_empty())
+    }
+
+    /// The points, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Point> {
+        self.0.iter().flat_map(|j| j.iter())
+    }
+
+    /// The points, in order, owned.
+    pub fn into_points(self) -> Vec<Point> {
+        let mut points = Vec::with_capacity(self.len());
+        for job in self.0 {
+            match Arc::try_unwrap(job) {
+                Ok(mut job) => points.append(&mut job),
+                Err(shared) => points.extend(shared.iter().cloned()),
+            }
+        }
+        points
+    }
+}
+
+/// Equal when the points are, however they are split into jobs.
+impl PartialEq for Pending {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl From<Vec<Point>> for Pending {
+    fn from(points: Vec<Point>) -> Self {
+        Pending(vec![Arc::new(points)])
+    }
+}
+
+impl Serialize for Pending {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Pending {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::<Point>::deserialize(d).map(Pending::from)
+    }
 }
 
 /// Errors reading or writing a checkpoint.
@@ -124,8 +191,13 @@ impl CheckpointStore {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let bytes = serde_json::to_vec(cp).map_err(|e| io(std::io::Error::other(e)))?;
-        write_atomic(&self.path, &bytes).map_err(io)
+        // Streamed: a checkpoint of a few hundred thousand rows and points
+        // is hundreds of MB of JSON, which a buffer would hold twice over
+        // while it grows.
+        write_atomic_with(&self.path, |w| {
+            serde_json::to_writer(w, cp).map_err(std::io::Error::other)
+        })
+        .map_err(io)
     }
 }
 
@@ -143,11 +215,40 @@ mod tests {
             flushed_watermark: 120,
             max_event_time: 130,
             recent_messages: vec![1, 2],
+            pending: Pending::from_jobs(vec![
+                Arc::new(vec![point(1), point(2)]),
+                Arc::new(vec![point(3)]),
+            ]),
             ..Checkpoint::default()
         };
         store.save(&cp).unwrap();
         assert_eq!(store.load().unwrap(), Some(cp));
         std::fs::write(store.path(), b"{not json").unwrap();
         assert!(matches!(store.load(), Err(CheckpointError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn pending_points_are_one_flat_list_on_disk() {
+        let pending = Pending::from_jobs(vec![Arc::new(vec![point(1)]), Arc::new(vec![point(2)])]);
+        let json = serde_json::to_value(&pending).unwrap();
+        assert_eq!(json.as_array().map(Vec::len), Some(2), "{json}");
+        let back: Pending = serde_json::from_value(json).unwrap();
+        assert_eq!(back, pending);
+        assert_eq!(
+            back.into_points()
+                .iter()
+                .map(|p| p.timestamp)
+                .collect::<Vec<_>>(),
+            [1, 2]
+        );
+    }
+
+    fn point(timestamp: u64) -> Point {
+        Point {
+            metric: "m".into(),
+            timestamp,
+            value: 1.0,
+            tags: [("k".to_string(), "v".to_string())].into(),
+        }
     }
 }

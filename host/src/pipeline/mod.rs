@@ -51,7 +51,7 @@ use crate::telemetry::{
     MessageReceived, Metrics, PointsRefused, PointsWritten, SamplesLate, SamplesRouted,
     SinkWriteFailed, SourceOperationFailed, WatermarkAdvanced,
 };
-use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, VERSION};
+use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Pending, VERSION};
 
 /// `[pipeline]` in wagg.toml.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -422,7 +422,7 @@ pub async fn run<S: Source>(
     parts.sink.set_metrics(metrics.clone());
     let router = Router::new(parts.router.clone());
     let outbox = Outbox::new();
-    outbox.push(cp.pending);
+    outbox.push(cp.pending.into_points());
     let shards = start_shards(&parts, &router, &outbox, cp.rows)?;
     let _ = counters
         .shards
@@ -905,7 +905,7 @@ impl<S: Source> Coordinator<S> {
             flushed_watermark: self.flushed_watermark,
             max_event_time: self.max_event_time,
             rows,
-            pending: self.outbox.pending(),
+            pending: Pending::from_jobs(self.outbox.pending()),
             recent_messages: self.dedup.unconfirmed(),
         };
         let (rows, pending_points) = (cp.rows.len(), cp.pending.len());

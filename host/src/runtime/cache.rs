@@ -117,10 +117,29 @@ impl ArtifactCache {
 ///
 /// Any I/O error on the way.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_with(path, |file| file.write_all(bytes))
+}
+
+/// [`write_atomic`], with the content streamed by `write` into a buffered
+/// file: a large file (a checkpoint) is never held in memory whole.
+///
+/// # Errors
+///
+/// Any I/O error on the way, or `write`'s; `path` is then untouched.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::io::BufWriter<fs::File>) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut file = fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, fs::File::create(&tmp)?);
+    let written = write(&mut file).and_then(|()| {
+        let file = file.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     fs::rename(&tmp, path)?;
     if let Some(parent) = path.parent()
         && let Ok(dir) = fs::File::open(parent)

@@ -157,6 +157,18 @@ pub enum ShardEvent {
         /// Rows that differed or were missing on either side.
         rows: u64,
     },
+    /// A shadow failed (trap, limit, bad output) and stopped on this shard;
+    /// the incumbent is untouched.
+    ShadowFailed {
+        /// Shard index.
+        shard: u32,
+        /// The shadow's module id.
+        module: String,
+        /// [`InstanceError::kind`].
+        kind: &'static str,
+        /// The error.
+        error: String,
+    },
     /// A hot swap finished.
     Swapped {
         /// Shard index.
@@ -526,7 +538,9 @@ impl Shard {
         if let (Ok(fuel), Some(s), Some(t)) = (&put, shadow.as_mut(), shadow_time) {
             s.record_batch(keys.len(), put_duration, t, *fuel);
         }
-        self.shadow = shadow;
+        if let Some(s) = shadow {
+            self.keep_shadow(s);
+        }
         put?;
         if !self.replaying {
             self.batches_seen += 1;
@@ -606,6 +620,19 @@ impl Shard {
         let bucket_seconds = self.spec.bucket_seconds;
         let runtime = self.runtime.clone();
         shadow.after_flush(&runtime, bucket_seconds, || self.export_ids(), stats);
+        self.keep_shadow(shadow);
+    }
+
+    /// Puts the shadow back, reporting the failure that stopped it, if any.
+    fn keep_shadow(&mut self, mut shadow: Shadow) {
+        if let Some((kind, error)) = shadow.take_failure() {
+            let _ = self.spec.events.send(ShardEvent::ShadowFailed {
+                shard: self.spec.index,
+                module: shadow.assignment.module.id().to_string(),
+                kind,
+                error,
+            });
+        }
         self.shadow = Some(shadow);
     }
 

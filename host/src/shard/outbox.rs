@@ -71,13 +71,10 @@ impl Outbox {
         }
     }
 
-    /// Every point not yet confirmed (for a checkpoint).
-    pub fn pending(&self) -> Vec<Point> {
-        self.lock()
-            .jobs
-            .values()
-            .flat_map(|j| j.iter().cloned())
-            .collect()
+    /// Every job not yet confirmed, oldest first (for a checkpoint): shared,
+    /// not copied.
+    pub fn pending(&self) -> Vec<Arc<Vec<Point>>> {
+        self.lock().jobs.values().cloned().collect()
     }
 
     /// Number of points not yet confirmed.

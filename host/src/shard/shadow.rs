@@ -123,6 +123,8 @@ pub(super) struct Shadow {
     /// shadow, missing in the incumbent.
     last_rows: Option<[u64; 4]>,
     metrics: std::sync::Arc<Metrics>,
+    /// A failure not yet reported to the controller: kind and error.
+    unreported: Option<(&'static str, String)>,
 }
 
 impl Shadow {
@@ -145,6 +147,7 @@ impl Shadow {
             timings: VecDeque::with_capacity(TIMED_BATCHES),
             last_rows: None,
             metrics,
+            unreported: None,
         })
     }
 
@@ -354,7 +357,14 @@ impl Shadow {
             "Shadow module failed; it stops, the incumbent is untouched."
         );
         self.report.stopped = Some(e.to_string());
+        self.unreported = Some((e.kind(), e.to_string()));
         self.instance = None;
+    }
+
+    /// The failure that stopped the shadow, once: the shard reports it so
+    /// that the module list counts a shadow's failures like any other.
+    pub(super) fn take_failure(&mut self) -> Option<(&'static str, String)> {
+        self.unreported.take()
     }
 
     /// The report with its timings.
