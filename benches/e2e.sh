@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# End to end on this machine: loadgen → RabbitMQ → wagg run → OpenTSDB
+# (VictoriaMetrics), against the broker's own ceiling on the same workload.
+#
+#   cargo build --release -p wagg -p wagg-benches
+#   bash benches/e2e.sh [MESSAGES=30000] [OUT_DIR]
+#
+# Each phase publishes the same backlog of MESSAGES persistent messages of
+# 100 metrics (`wagg loadgen --count`, confirmed), then drains it:
+#   ceiling   target/release/broker-ceiling: takes and acks (multiple, every
+#             100) with wagg's prefetch, nothing else: the physical limit
+#   1 shard   wagg run, hashmap, 1 shard
+#   2 shards  wagg run, hashmap, 2 shards
+#   shadow    wagg run, 2 shards, btree shadowing hashmap on both
+# and reports messages/s and metrics/s from the first message taken to the
+# last one acknowledged, that rate as a share of the ceiling, the p99 of a
+# shard's flush (module flush + turning rows into points), the host's peak
+# RSS, and whether every (customer, pop, bucket) point of the customer rollup
+# in VictoriaMetrics equals loadgen's total exactly (and the other rollups'
+# grand totals). A drained backlog measures what a consumer sustains: with
+# the publisher competing for the same 2 cores, every figure would be lower.
+#
+# Needs RabbitMQ on 127.0.0.1:5672 (consistent-hash plugin not needed) and
+# VictoriaMetrics (tests/setup.sh installs both). Uses unique names; deletes
+# its queues and exchanges at the end.
+set -euo pipefail
+
+messages=${1:-30000}
+out=${2:-$(mktemp -d /tmp/wagg-e2e.XXXXXX)}
+mkdir -p "$out"
+here=$(cd "$(dirname "$0")/.." && pwd)
+wagg=${WAGG:-$here/target/release/wagg}
+ceiling=${CEILING:-$here/target/release/broker-ceiling}
+for b in "$wagg" "$ceiling"; do
+    [ -x "$b" ] || { echo "e2e: build first: cargo build --release -p wagg -p wagg-benches" >&2; exit 1; }
+done
+
+tag=wagg-e2e-$$
+vm_http=127.0.0.1:${E2E_VM_HTTP:-18628}
+vm_tsdb=127.0.0.1:${E2E_VM_TSDB:-14442}
+admin=127.0.0.1:${E2E_ADMIN:-19664}
+# Event time starts here and runs 60× faster than the publisher: a
+# backlog spans many one-minute buckets, which flush as it drains.
+start_time=1764133200
+
+pids=()
+names=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    for n in "${names[@]}"; do
+        rabbitmqctl -q delete_queue "$n.q" >/dev/null 2>&1 || true
+        rabbitmqctl -q delete_queue "$n.dlq" >/dev/null 2>&1 || true
+        for x in "$n.x" "$n.dlx"; do
+            rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$x\">>), false, <<\"e2e\">>)." >/dev/null 2>&1 || true
+        done
+    done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+/usr/bin/victoria-metrics -storageDataPath="$out/vm" -httpListenAddr="$vm_http" \
+    -opentsdbHTTPListenAddr="$vm_tsdb" -retentionPeriod=100y -search.disableCache \
+    > "$out/vm.log" 2>&1 &
+pids+=($!)
+until curl -sf "http://$vm_http/health" >/dev/null; do sleep 0.2; done
+
+config() { # phase shards → $out/$phase/wagg.toml
+    local phase=$1 shards=$2 name=$tag-$1
+    names+=("$name")
+    mkdir -p "$out/$phase"
+    cat > "$out/$phase/wagg.toml" <<EOF
+[module]
+strategy = "hashmap"
+[pipeline]
+idle_flush_secs = 3
+data_dir = "$out/$phase/data"
+[router]
+shards = $shards
+metric = "e2e.$phase"
+[source.amqp]
+exchange = "$name.x"
+queue = "$name.q"
+dead_letter_exchange = "$name.dlx"
+dead_letter_queue = "$name.dlq"
+[sink]
+kind = "opentsdb"
+url = "http://$vm_tsdb"
+[admin]
+listen = "$admin"
+token = "e2e"
+EOF
+}
+
+backlog() { # phase: declare the topology and publish the backlog
+    local dir=$out/$1
+    "$ceiling" "$dir/wagg.toml" declare
+    "$wagg" loadgen -c "$dir/wagg.toml" --count "$messages" --metrics-per-message 100 \
+        --start-time "$start_time" --time-scale 60 --progress none \
+        --totals-json "$dir/totals.json" --log warn > "$dir/loadgen.txt" 2>&1
+}
+
+depth() { # queue: ready + unacked messages
+    rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$1" '$1 == q { print $2 }'
+}
+
+metric() { # name: sum of its samples in $scrape
+    awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $NF } END { printf "%.0f", s }' <<< "$scrape"
+}
+
+p99() { # histogram name: the upper bound of the bucket holding the 99th percentile
+    python3 -c '
+import re, sys
+name, counts = sys.argv[1] + "_bucket{", {}
+for line in sys.stdin:
+    if line.startswith(name):
+        le = re.search(r"le=\"([^\"]+)\"", line).group(1)
+        counts[float(le)] = counts.get(float(le), 0) + float(line.split()[-1])
+total = counts.get(float("inf"), 0)
+print(next((f"{le:g}" for le in sorted(counts) if counts[le] >= 0.99 * total), "none"))
+' "$1" <<< "$scrape"
+}
+
+ceiling_rate=
+phase_ceiling() {
+    config ceiling 1
+    backlog ceiling
+    "$ceiling" "$out/ceiling/wagg.toml" drain "$messages" | tee "$out/ceiling/result.txt"
+    ceiling_rate=$(awk '{ for (i = 1; i <= NF; i++) if ($i == "messages/s") print $(i - 1) }' "$out/ceiling/result.txt")
+}
+
+phase_wagg() { # phase shards shadow(yes/no)
+    local phase=$1 shards=$2 shadow=$3 dir=$out/$1
+    config "$phase" "$shards"
+    backlog "$phase"
+    local q=$tag-$phase.q
+    "$wagg" run -c "$dir/wagg.toml" --log warn > "$dir/wagg.log" 2>&1 &
+    local pid=$!
+    pids+=($pid)
+    until curl -sf "http://$admin/readyz" >/dev/null; do sleep 0.05; done
+    if [ "$shadow" = yes ]; then
+        "$wagg" shadow btree@builtin --admin "http://$admin" --token e2e > "$dir/shadow.txt" 2>&1
+    fi
+    local first= last= rss=0 r
+    while :; do
+        scrape=$(curl -s "http://$admin/metrics")
+        r=$(ps -o rss= -p "$pid" | tr -d ' ')
+        [ "${r:-0}" -gt "$rss" ] && rss=$r
+        if [ -z "$first" ] && [ "$(metric wagg_messages_received_total)" -gt 0 ]; then
+            first=$(date +%s.%N)
+        fi
+        if [ "$(metric wagg_messages_received_total)" -ge "$messages" ] && [ "$(depth "$q")" = 0 ]; then
+            last=$(date +%s.%N)
+            break
+        fi
+        sleep 0.1
+    done
+    # Let the idle flush write the last buckets, then read everything back.
+    local flushed
+    for _ in $(seq 100); do
+        scrape=$(curl -s "http://$admin/metrics")
+        flushed=$(metric wagg_points_written_total)
+        sleep 0.5
+        scrape=$(curl -s "http://$admin/metrics")
+        [ "$(metric wagg_sink_pending_points)" = 0 ] && [ "$(metric wagg_points_written_total)" = "$flushed" ] \
+            && [ "$flushed" -gt 0 ] && [ "$(metric wagg_module_live_series)" = 0 ] && break
+        sleep 0.5
+    done
+    local flush_p99 write_p99
+    flush_p99=$(p99 wagg_shard_flush_duration_seconds)
+    write_p99=$(p99 wagg_sink_write_duration_seconds)
+    if [ "$shadow" = yes ]; then
+        "$wagg" ab --admin "http://$admin" > "$dir/ab.txt" 2>&1 || true
+    fi
+    kill -TERM "$pid"; wait "$pid" || true
+    curl -s "http://$vm_http/internal/force_flush" >/dev/null
+    curl -s "http://$vm_http/api/v1/export" -d "match[]={__name__=\"e2e.$phase\"}" > "$dir/export.jsonl"
+    local exact
+    exact=$(python3 - "$dir/totals.json" "$dir/export.jsonl" <<'EOF'
+import json, sys
+totals = json.load(open(sys.argv[1]))
+want = {(str(t["customer"]), t["pop"], t["bucket"]): t["count"] for t in totals["per_customer"]}
+got, sums = {}, {}
+for line in open(sys.argv[2]):
+    s = json.loads(line)
+    m = s["metric"]
+    last = dict(zip(s["timestamps"], s["values"]))  # the last write of each point
+    sums[m["rollup"]] = sums.get(m["rollup"], 0.0) + sum(last.values())
+    if m["rollup"] == "customer":
+        for ts, v in last.items():
+            got[(m["customer"], m["pop"], ts // 1000)] = v
+bad = sum(1 for k, v in want.items() if got.get(k) != v) + sum(1 for k in got if k not in want)
+grand = all(abs(v - totals["count_sum"]) <= 1e-6 * totals["count_sum"] for v in sums.values()) and len(sums) == 3
+print(f"exact ({len(want)} customer points, 3 rollups' grand totals equal)" if bad == 0 and grand
+      else f"NOT EXACT: {bad} of {len(want)} customer points differ; rollup totals {sums} vs {totals['count_sum']}")
+EOF
+)
+    local secs rate
+    secs=$(echo "$last - $first" | bc -l)
+    rate=$(echo "$messages / $secs" | bc -l)
+    printf '%-9s %8.0f msg/s %10.0f metrics/s %6.1f %% of ceiling  flush p99 <= %ss  sink write p99 <= %ss  peak RSS %.0f MiB  %s\n' \
+        "$phase" "$rate" "$(echo "$rate * 100" | bc -l)" "$(echo "100 * $rate / $ceiling_rate" | bc -l)" \
+        "$flush_p99" "$write_p99" "$(echo "$rss / 1024" | bc -l)" "$exact" | tee -a "$out/results.txt"
+}
+
+echo "e2e: $messages messages of 100 metrics per phase; output in $out"
+phase_ceiling
+printf '%-9s %8.0f msg/s %10.0f metrics/s  100.0 %% of ceiling\n' ceiling "$ceiling_rate" \
+    "$(echo "$ceiling_rate * 100" | bc -l)" | tee "$out/results.txt"
+phase_wagg 1-shard 1 no
+phase_wagg 2-shards 2 no
+phase_wagg shadow 2 yes
