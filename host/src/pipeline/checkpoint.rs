@@ -8,7 +8,16 @@
 //! the broker redelivers what was not acknowledged; a redelivered message
 //! whose hash is in the checkpoint was already counted, and is acknowledged
 //! without being counted again.
+//!
+//! On disk it is `checkpoint.bin`: a magic number, then the [`Checkpoint`]
+//! in postcard's binary encoding. Keys are raw bytes and numbers varints:
+//! about a third of the JSON this replaced (`checkpoint.json`, version 1),
+//! and no text to format or escape, which mattered because a checkpoint
+//! holds every open bucket and is written every second or so. A version 1
+//! JSON checkpoint left by an older wagg is still read, once: the first new
+//! checkpoint replaces it.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,7 +28,13 @@ use crate::shard::StateRow;
 use crate::sink::Point;
 
 /// Format version; a checkpoint of another version is refused, not guessed.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+
+/// The JSON checkpoint of older wagg versions, read but not written.
+const JSON_VERSION: u32 = 1;
+
+/// The first bytes of a binary checkpoint: "WAGGCKP" and the version.
+const MAGIC: [u8; 8] = *b"WAGGCKP\x02";
 
 /// A checkpoint as written to disk.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -95,7 +110,13 @@ impl From<Vec<Point>> for Pending {
 
 impl Serialize for Pending {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.iter())
+        use serde::ser::SerializeSeq;
+        // The length up front: binary encodings need it.
+        let mut seq = s.serialize_seq(Some(self.len()))?;
+        for p in self.iter() {
+            seq.serialize_element(p)?;
+        }
+        seq.end()
     }
 }
 
@@ -131,13 +152,15 @@ pub enum CheckpointError {
 #[derive(Debug, Clone)]
 pub struct CheckpointStore {
     path: PathBuf,
+    json: PathBuf,
 }
 
 impl CheckpointStore {
     /// The checkpoint file in `data_dir`.
     pub fn new(data_dir: &Path) -> Self {
         CheckpointStore {
-            path: data_dir.join("checkpoint.json"),
+            path: data_dir.join("checkpoint.bin"),
+            json: data_dir.join("checkpoint.json"),
         }
     }
 
@@ -146,7 +169,8 @@ impl CheckpointStore {
         &self.path
     }
 
-    /// Reads the checkpoint; `None` if there is none yet.
+    /// Reads the checkpoint (or an older wagg's JSON one); `None` if there
+    /// is none yet.
     ///
     /// # Errors
     ///
@@ -154,31 +178,31 @@ impl CheckpointStore {
     /// would silently lose (or double-count) the data it holds, so this is
     /// an error for the operator.
     pub fn load(&self) -> Result<Option<Checkpoint>, CheckpointError> {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(CheckpointError::Io {
-                    path: self.path.clone(),
-                    source,
-                });
-            }
-        };
-        let cp: Checkpoint =
-            serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
-                path: self.path.clone(),
-                reason: e.to_string(),
-            })?;
-        if cp.version != VERSION {
-            return Err(CheckpointError::Corrupt {
-                path: self.path.clone(),
-                reason: format!("version {} (this wagg reads {VERSION})", cp.version),
-            });
+        if let Some(bytes) = read(&self.path)? {
+            return decode_binary(&bytes)
+                .map(Some)
+                .map_err(|reason| self.corrupt(&self.path, reason));
         }
+        let Some(bytes) = read(&self.json)? else {
+            return Ok(None);
+        };
+        let mut cp: Checkpoint =
+            serde_json::from_slice(&bytes).map_err(|e| self.corrupt(&self.json, e.to_string()))?;
+        if cp.version != JSON_VERSION {
+            return Err(self.corrupt(
+                &self.json,
+                format!(
+                    "version {} (this wagg reads {JSON_VERSION} as JSON)",
+                    cp.version
+                ),
+            ));
+        }
+        cp.version = VERSION;
         Ok(Some(cp))
     }
 
-    /// Writes `cp` atomically (temporary file, fsync, rename).
+    /// Writes `cp` atomically (temporary file, fsync, rename), streamed:
+    /// it is never held in memory whole.
     ///
     /// # Errors
     ///
@@ -191,14 +215,55 @@ impl CheckpointStore {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        // Streamed: a checkpoint of a few hundred thousand rows and points
-        // is hundreds of MB of JSON, which a buffer would hold twice over
-        // while it grows.
         write_atomic_with(&self.path, |w| {
-            serde_json::to_writer(w, cp).map_err(std::io::Error::other)
+            w.write_all(&MAGIC)?;
+            postcard::to_io(cp, w)
+                .map(drop)
+                .map_err(std::io::Error::other)
         })
-        .map_err(io)
+        .map_err(io)?;
+        // The JSON checkpoint of an older wagg is superseded now.
+        match std::fs::remove_file(&self.json) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CheckpointError::Io {
+                path: self.json.clone(),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
     }
+
+    fn corrupt(&self, path: &Path, reason: String) -> CheckpointError {
+        CheckpointError::Corrupt {
+            path: path.to_path_buf(),
+            reason,
+        }
+    }
+}
+
+/// The file's bytes; `None` if it does not exist.
+fn read(path: &Path) -> Result<Option<Vec<u8>>, CheckpointError> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(CheckpointError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn decode_binary(bytes: &[u8]) -> Result<Checkpoint, String> {
+    let body = bytes
+        .strip_prefix(&MAGIC)
+        .ok_or("not a wagg checkpoint of version 2 (wrong magic number)")?;
+    let cp: Checkpoint = postcard::from_bytes(body).map_err(|e| e.to_string())?;
+    if cp.version != VERSION {
+        return Err(format!(
+            "version {} (this wagg reads {VERSION})",
+            cp.version
+        ));
+    }
+    Ok(cp)
 }
 
 #[cfg(test)]
@@ -215,6 +280,14 @@ mod tests {
             flushed_watermark: 120,
             max_event_time: 130,
             recent_messages: vec![1, 2],
+            rows: vec![StateRow {
+                key: vec![0, 0xfe, 0xff].into(),
+                bucket: 60,
+                count: u64::MAX,
+                sum: -0.0,
+                min: f64::MIN_POSITIVE,
+                max: 1e300,
+            }],
             pending: Pending::from_jobs(vec![
                 Arc::new(vec![point(1), point(2)]),
                 Arc::new(vec![point(3)]),
@@ -223,8 +296,37 @@ mod tests {
         };
         store.save(&cp).unwrap();
         assert_eq!(store.load().unwrap(), Some(cp));
-        std::fs::write(store.path(), b"{not json").unwrap();
+        std::fs::write(store.path(), b"WAGGCKP\x02garbage").unwrap();
         assert!(matches!(store.load(), Err(CheckpointError::Corrupt { .. })));
+        std::fs::write(store.path(), b"{not binary").unwrap();
+        assert!(matches!(store.load(), Err(CheckpointError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn an_older_json_checkpoint_is_read_once_then_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::new(dir.path());
+        let row = StateRow {
+            key: vec![0, 0xff, b'a'].into(),
+            bucket: 60,
+            count: 2,
+            sum: 3.0,
+            min: 1.0,
+            max: 2.0,
+        };
+        // As wagg wrote it before version 2: JSON, keys in hex.
+        let json = serde_json::json!({
+            "version": 1, "flushed_watermark": 60, "max_event_time": 70,
+            "rows": [{"key": "00ff61", "bucket": 60, "count": 2, "sum": 3.0, "min": 1.0, "max": 2.0}],
+            "pending": [], "recent_messages": [7]
+        });
+        std::fs::write(dir.path().join("checkpoint.json"), json.to_string()).unwrap();
+        let cp = store.load().unwrap().unwrap();
+        assert_eq!(cp.rows, vec![row]);
+        assert_eq!((cp.version, cp.recent_messages.clone()), (VERSION, vec![7]));
+        store.save(&cp).unwrap();
+        assert!(!dir.path().join("checkpoint.json").exists());
+        assert_eq!(store.load().unwrap(), Some(cp));
     }
 
     #[test]

@@ -124,6 +124,11 @@ pub trait Source: Send {
     fn set_metrics(&mut self, metrics: Arc<Metrics>) {
         let _ = metrics;
     }
+    /// How many unacknowledged deliveries the source hands out before it
+    /// waits for an ack (AMQP's prefetch), if it has such a limit.
+    fn window(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl Source for crate::source::amqp::AmqpSource {
@@ -140,6 +145,9 @@ impl Source for crate::source::amqp::AmqpSource {
     }
     fn set_metrics(&mut self, metrics: Arc<Metrics>) {
         crate::source::amqp::AmqpSource::set_metrics(self, metrics);
+    }
+    fn window(&self) -> Option<u64> {
+        Some(u64::from(self.config().prefetch))
     }
 }
 
@@ -367,6 +375,8 @@ pub enum Drain {
 /// The pipeline's running state.
 struct Coordinator<S: Source> {
     parts: Parts,
+    /// Deliveries taken since the last ack.
+    unacked: u64,
     source: S,
     router: Router,
     shards: Vec<ShardHandle>,
@@ -448,6 +458,7 @@ pub async fn run<S: Source>(
         last_delivery: Instant::now(),
         open_data: cp.max_event_time > cp.flushed_watermark,
         undead: Vec::new(),
+        unacked: 0,
         parts,
     };
     let (stop_sink_tx, stop_sink_rx) = tokio::sync::watch::channel(false);
@@ -502,13 +513,7 @@ fn start_shards(
     for row in rows {
         // Rows are stored by key, not by shard, so a checkpoint survives a
         // change of the shard count: each row goes where its key hashes now.
-        let key = hex::decode(&row.key).map_err(|e| {
-            PipelineError::Checkpoint(CheckpointError::Corrupt {
-                path: PathBuf::new(),
-                reason: format!("row key is not hex: {e}"),
-            })
-        })?;
-        let shard = SeriesKey::parse(&key)
+        let shard = SeriesKey::parse(&row.key)
             .and_then(|k| router.shard_of_key(&k))
             .ok_or_else(|| PipelineError::Config(
                 "the checkpoint holds a series key that does not fit the [router] rollups; restore the configuration it was written with"
@@ -615,6 +620,7 @@ impl<S: Source> Coordinator<S> {
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_checkpoint = Instant::now();
+        let mut checkpointed_at = Instant::now();
         let checkpoint_every = Duration::from_millis(cfg.checkpoint_interval_ms.max(10));
         tokio::pin!(shutdown);
         let mut source_done = false;
@@ -631,9 +637,15 @@ impl<S: Source> Coordinator<S> {
                 }
                 _ = tick.tick() => {
                     self.on_tick().await?;
-                    if last_checkpoint.elapsed() >= checkpoint_every {
+                    // With the source's window full nothing arrives until
+                    // an ack, so spacing checkpoints out (below) would only
+                    // stall consumption longer.
+                    let starved = self.source.window().is_some_and(|w| self.unacked >= w)
+                        && checkpointed_at.elapsed() >= checkpoint_every;
+                    if last_checkpoint.elapsed() >= checkpoint_every || starved {
                         let started = Instant::now();
                         self.checkpoint().await?;
+                        checkpointed_at = Instant::now();
                         // A checkpoint stalls the pipeline while it is cut
                         // and written, and its cost grows with the open
                         // state. Spacing them by at least four times their
@@ -751,6 +763,7 @@ impl<S: Source> Coordinator<S> {
     async fn take(&mut self, d: Delivery) -> Result<(), PipelineError> {
         MessageReceived.emit(&self.metrics, &self.counters);
         self.last_delivery = Instant::now();
+        self.unacked += 1;
         let hash = xxhash_rust::xxh3::xxh3_64(&d.body);
         if self.dedup.seen(d.tag, d.redelivered, hash) {
             // Counted before a reconnect or a restart, and its effect is in
@@ -926,6 +939,7 @@ impl<S: Source> Coordinator<S> {
             match self.source.ack_upto(tag).await {
                 Ok(confirmed) => {
                     self.acked_tag = Some(tag);
+                    self.unacked = 0;
                     if confirmed {
                         // Only now can these messages not come back.
                         self.dedup.acked(tag);

@@ -40,8 +40,9 @@ use crate::telemetry::{
 /// checkpoint, independent of ids and of the module that held it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateRow {
-    /// Series key, hex.
-    pub key: String,
+    /// Series key: raw bytes in the binary checkpoint, hex in JSON.
+    #[serde(with = "key_bytes")]
+    pub key: Box<[u8]>,
     /// Bucket start, seconds.
     pub bucket: u64,
     /// Samples aggregated.
@@ -52,6 +53,44 @@ pub struct StateRow {
     pub min: f64,
     /// Largest value.
     pub max: f64,
+}
+
+/// A series key as raw bytes where the format is binary, as hex where it is
+/// text (JSON): keys are not always UTF-8.
+mod key_bytes {
+    use serde::de::{Error, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(key: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&hex::encode(key))
+        } else {
+            s.serialize_bytes(key)
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Box<[u8]>, D::Error> {
+        struct Key;
+        impl Visitor<'_> for Key {
+            type Value = Box<[u8]>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a series key (bytes, or hex)")
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<Self::Value, E> {
+                hex::decode(v)
+                    .map(Into::into)
+                    .map_err(|e| E::custom(format!("series key is not hex: {e}")))
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+                Ok(v.into())
+            }
+        }
+        if d.is_human_readable() {
+            d.deserialize_str(Key)
+        } else {
+            d.deserialize_bytes(Key)
+        }
+    }
 }
 
 /// What a shard is told to do, in order.
@@ -708,7 +747,7 @@ impl Shard {
         for i in 0..aggs.len() {
             let key = dict.key(aggs.series[i]).unwrap_or_default();
             rows.push(StateRow {
-                key: hex::encode(key),
+                key: key.into(),
                 bucket: aggs.bucket_start[i],
                 count: aggs.count[i],
                 sum: aggs.sum[i],
@@ -829,11 +868,7 @@ impl Shard {
         if !self.base.is_empty() {
             let mut aggs = Aggregates::empty();
             for row in &self.base {
-                let key = hex::decode(&row.key).map_err(|e| InstanceError::BadOutput {
-                    call: "merge",
-                    reason: format!("checkpoint key is not hex: {e}"),
-                })?;
-                aggs.series.push(self.dict.intern(&key, row.bucket));
+                aggs.series.push(self.dict.intern(&row.key, row.bucket));
                 aggs.bucket_start.push(row.bucket);
                 aggs.count.push(row.count);
                 aggs.sum.push(row.sum);

@@ -1253,6 +1253,11 @@ impl AmqpSource {
         self.link.as_ref().map_or(0, |link| link.generation)
     }
 
+    /// The configuration this source consumes with.
+    pub fn config(&self) -> &AmqpConfig {
+        &self.cfg
+    }
+
     /// Reports reconnects to `metrics` from now on (the pipeline calls it
     /// with its own).
     pub fn set_metrics(&mut self, metrics: Arc<crate::telemetry::Metrics>) {
