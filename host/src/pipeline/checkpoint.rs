@@ -292,7 +292,6 @@ mod tests {
                 Arc::new(vec![point(1), point(2)]),
                 Arc::new(vec![point(3)]),
             ]),
-            ..Checkpoint::default()
         };
         store.save(&cp).unwrap();
         assert_eq!(store.load().unwrap(), Some(cp));
