@@ -166,9 +166,10 @@ phase_wagg() { # phase shards shadow(yes/no)
             && [ "$flushed" -gt 0 ] && [ "$(metric wagg_module_live_series)" = 0 ] && break
         sleep 0.5
     done
-    local flush_p99 write_p99
+    local flush_p99 write_p99 checkpoint_p99
     flush_p99=$(p99 wagg_shard_flush_duration_seconds)
     write_p99=$(p99 wagg_sink_write_duration_seconds)
+    checkpoint_p99=$(p99 wagg_checkpoint_duration_seconds)
     if [ "$shadow" = yes ]; then
         "$wagg" ab --admin "http://$admin" > "$dir/ab.txt" 2>&1 || true
     fi
@@ -198,9 +199,9 @@ EOF
     local secs rate
     secs=$(echo "$last - $first" | bc -l)
     rate=$(echo "$messages / $secs" | bc -l)
-    printf '%-9s %8.0f msg/s %10.0f metrics/s %6.1f %% of ceiling  flush p99 <= %ss  sink write p99 <= %ss  peak RSS %.0f MiB  %s\n' \
+    printf '%-9s %8.0f msg/s %10.0f metrics/s %6.1f %% of ceiling  p99 (s): flush <= %s, sink write <= %s, checkpoint <= %s  peak RSS %.0f MiB  %s\n' \
         "$phase" "$rate" "$(echo "$rate * 100" | bc -l)" "$(echo "100 * $rate / $ceiling_rate" | bc -l)" \
-        "$flush_p99" "$write_p99" "$(echo "$rss / 1024" | bc -l)" "$exact" | tee -a "$out/results.txt"
+        "$flush_p99" "$write_p99" "$checkpoint_p99" "$(echo "$rss / 1024" | bc -l)" "$exact" | tee -a "$out/results.txt"
 }
 
 echo "e2e: $messages messages of 100 metrics per phase; output in $out"

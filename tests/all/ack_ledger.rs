@@ -185,12 +185,8 @@ impl Broker {
 }
 
 /// The customer in a checkpoint row's key (one rollup: customer only).
-fn key_customer(hex: &str) -> Option<String> {
-    let bytes: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect::<Option<_>>()?;
-    let key = wagg::router::SeriesKey::parse(&bytes)?;
+fn key_customer(bytes: &[u8]) -> Option<String> {
+    let key = wagg::router::SeriesKey::parse(bytes)?;
     key.values.first().map(|s| (*s).to_string())
 }
 

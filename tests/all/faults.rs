@@ -615,10 +615,17 @@ async fn a_sink_outage_holds_deliveries_bounds_pending_points_and_recovers_exact
     );
     let max_seen = max_pending_during(&host, Duration::from_secs(4)).await;
     let taken = host.counters.messages.load(Ordering::Relaxed);
-    let cp = wagg::pipeline::checkpoint::CheckpointStore::new(data.path())
-        .load()
-        .unwrap()
-        .unwrap();
+    // Checkpoints are spaced by their cost, which a loaded machine inflates:
+    // wait for one cut during the outage.
+    let store = wagg::pipeline::checkpoint::CheckpointStore::new(data.path());
+    let deadline = Instant::now() + PATIENCE;
+    let cp = loop {
+        let cp = store.load().unwrap().unwrap();
+        if !cp.pending.is_empty() || Instant::now() > deadline {
+            break cp;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let text = host.metrics.render();
 
     // After: everything flushes, exactly once each.

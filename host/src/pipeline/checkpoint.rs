@@ -11,9 +11,10 @@
 //!
 //! On disk it is `checkpoint.bin`: a magic number, then the [`Checkpoint`]
 //! in postcard's binary encoding. Keys are raw bytes and numbers varints:
-//! about a third of the JSON this replaced (`checkpoint.json`, version 1),
-//! and no text to format or escape, which mattered because a checkpoint
-//! holds every open bucket and is written every second or so. A version 1
+//! less than half the JSON this replaced (`checkpoint.json`, version 1; 37.5
+//! against 80.3 MB for 541 566 open buckets), and no text to format or
+//! escape, which matters because a checkpoint holds every open bucket and is
+//! written every second or so. A version 1
 //! JSON checkpoint left by an older wagg is still read, once: the first new
 //! checkpoint replaces it.
 
