@@ -223,9 +223,10 @@ async fn a_slow_module_is_slower_beyond_noise_and_a_copy_of_the_incumbent_is_not
     assert_eq!(slow.put_ratio.verdict, "slower", "{:?}", slow.put_ratio);
     assert!(slow.put_ratio.low > 1.3, "{:?}", slow.put_ratio);
     // The copy is measured as far from the slow module. Not that it is
-    // "the same": an identical module seeded by a merge can run tens of per
-    // cent faster than the incumbent (a fresh table), and this machine is
-    // shared, so its verdict is a measurement, not something to assert.
+    // "the same": one CI run measured the identical copy at 0.75× the
+    // incumbent (interval 0.58–0.97; cause not investigated: the shadow is
+    // seeded by a merge into a fresh instance, and this machine is shared),
+    // so its verdict is a measurement, not something to assert.
     assert!(
         same.put_ratio.high < slow.put_ratio.low,
         "copy {:?}, slow {:?}",
