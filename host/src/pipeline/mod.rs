@@ -619,9 +619,9 @@ impl<S: Source> Coordinator<S> {
         let tick_every = Duration::from_millis(cfg.batch_max_delay_ms.clamp(5, 1000));
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_checkpoint = Instant::now();
-        let mut checkpointed_at = Instant::now();
         let checkpoint_every = Duration::from_millis(cfg.checkpoint_interval_ms.max(10));
+        let mut checkpointed_at = Instant::now();
+        let mut spacing = checkpoint_every;
         tokio::pin!(shutdown);
         let mut source_done = false;
         loop {
@@ -640,9 +640,10 @@ impl<S: Source> Coordinator<S> {
                     // With the source's window full nothing arrives until
                     // an ack, so spacing checkpoints out (below) would only
                     // stall consumption longer.
+                    let since = checkpointed_at.elapsed();
                     let starved = self.source.window().is_some_and(|w| self.unacked >= w)
-                        && checkpointed_at.elapsed() >= checkpoint_every;
-                    if last_checkpoint.elapsed() >= checkpoint_every || starved {
+                        && since >= checkpoint_every;
+                    if since >= spacing || starved {
                         let started = Instant::now();
                         self.checkpoint().await?;
                         checkpointed_at = Instant::now();
@@ -652,8 +653,7 @@ impl<S: Source> Coordinator<S> {
                         // cost keeps that stall under a fifth of the time;
                         // the prefetch window must then cover the longer
                         // interval (see `[source.amqp] prefetch`).
-                        let took = started.elapsed();
-                        last_checkpoint = Instant::now() + (took * 4).saturating_sub(checkpoint_every);
+                        spacing = checkpoint_every.max(started.elapsed() * 4);
                     }
                     if source_done {
                         return Ok(());
