@@ -576,19 +576,12 @@ async fn a_sink_outage_holds_deliveries_bounds_pending_points_and_recovers_exact
     let amqp = names.config();
     let data = tempfile::tempdir().unwrap();
     let max_pending = 500;
-    let host = InProcess::start(
-        amqp.clone(),
-        OpenTsdbConfig {
-            max_retries: 2,
-            retry_base_ms: 20,
-            retry_max_ms: 200,
-            timeout_ms: 2000,
-            ..OpenTsdbConfig::new(vm.opentsdb_url())
-        },
-        PipelineConfig {
-            max_pending_points: max_pending,
-            ..pipeline_config(data.path())
-        },
+    let host = sink_fault_host(
+        &amqp,
+        vm.opentsdb_url(),
+        Duration::from_secs(2),
+        max_pending,
+        data.path(),
     )
     .await;
     // Before: the first buckets are written.
@@ -660,6 +653,32 @@ async fn a_sink_outage_holds_deliveries_bounds_pending_points_and_recovers_exact
     assert!(metric(&text, "wagg_sink_retries_total", &[]) > 0.0);
 }
 
+/// An in-process host for the sink-fault tests: few, fast retries, so that
+/// a failing sink shows within seconds, and a small `max_pending_points`.
+async fn sink_fault_host(
+    amqp: &AmqpConfig,
+    url: String,
+    timeout: Duration,
+    max_pending: usize,
+    data_dir: &Path,
+) -> InProcess {
+    InProcess::start(
+        amqp.clone(),
+        OpenTsdbConfig {
+            max_retries: 2,
+            retry_base_ms: 20,
+            retry_max_ms: 200,
+            timeout_ms: timeout.as_millis() as u64,
+            ..OpenTsdbConfig::new(url)
+        },
+        PipelineConfig {
+            max_pending_points: max_pending,
+            ..pipeline_config(data_dir)
+        },
+    )
+    .await
+}
+
 /// The largest `wagg_sink_pending_points` seen on `/metrics` over `watch`.
 async fn max_pending_during(host: &InProcess, watch: Duration) -> f64 {
     let mut max_seen = 0.0f64;
@@ -695,21 +714,7 @@ async fn a_sink_answering_errors_then_slowly_loses_nothing_and_rewrites_nothing_
     let data = tempfile::tempdir().unwrap();
     let max_pending = 500;
     let timeout = Duration::from_millis(800);
-    let host = InProcess::start(
-        amqp.clone(),
-        OpenTsdbConfig {
-            max_retries: 2,
-            retry_base_ms: 20,
-            retry_max_ms: 200,
-            timeout_ms: timeout.as_millis() as u64,
-            ..OpenTsdbConfig::new(proxy.url())
-        },
-        PipelineConfig {
-            max_pending_points: max_pending,
-            ..pipeline_config(data.path())
-        },
-    )
-    .await;
+    let host = sink_fault_host(&amqp, proxy.url(), timeout, max_pending, data.path()).await;
     let first = messages(0, 600, 61, 0.1);
     let mut confirmed = publish_slowly(&amqp, first, 200, Duration::ZERO)
         .await

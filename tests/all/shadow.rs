@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use wagg::admin::{AdminConfig, ModuleState};
+use wagg::admin::{AdminConfig, Controller, ModuleState, ModuleView};
 use wagg::runtime::RuntimeLimits;
 use wagg::source::amqp::AmqpPublisher;
 use wagg::source::generator::{Generator, GeneratorConfig};
@@ -69,15 +69,7 @@ async fn btree_shadowing_hashmap_agrees_exactly_and_counts_every_sample() {
     let c = &running.controller;
     let shards = c.start_shadow("btree", None, None).await.unwrap();
     assert_eq!(shards.len(), 2);
-    assert_eq!(
-        c.list()
-            .await
-            .iter()
-            .find(|m| m.record.name == "btree")
-            .unwrap()
-            .state,
-        ModuleState::Shadow
-    );
+    assert_eq!(module_named(c, "btree").await.state, ModuleState::Shadow);
 
     let bodies = messages(600, 21);
     publish(&names, &bodies).await;
@@ -236,6 +228,15 @@ async fn a_slow_module_is_slower_beyond_noise_and_a_copy_of_the_incumbent_is_not
     running.stop().await;
 }
 
+/// The module list's entry for the module named `name`.
+async fn module_named(c: &Controller, name: &str) -> ModuleView {
+    c.list()
+        .await
+        .into_iter()
+        .find(|m| m.record.name == name)
+        .unwrap_or_else(|| panic!("no module named {name}"))
+}
+
 async fn wait_for_batches(running: &Running, batches: usize) -> wagg::admin::ab::AbReport {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -278,23 +279,13 @@ async fn a_shadow_that_traps_stops_alone_and_the_incumbent_keeps_exact_totals() 
         report.stopped
     );
     // The incumbent never failed.
-    let hashmap = c
-        .list()
-        .await
-        .into_iter()
-        .find(|m| m.record.name == "hashmap")
-        .unwrap();
+    let hashmap = module_named(c, "hashmap").await;
     assert!(hashmap.failures.is_empty(), "{:?}", hashmap.failures);
     // The shadow's failures are in the module list, one per shard it ran on
     // (the controller hears of them through the shards' events).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let trap = c
-            .list()
-            .await
-            .into_iter()
-            .find(|m| m.record.name == "trap")
-            .unwrap();
+        let trap = module_named(c, "trap").await;
         if trap.failures.get("shadow trap") == Some(&2) {
             break;
         }
