@@ -6,17 +6,15 @@
 use core::hash::{BuildHasher, Hasher};
 
 /// An odd constant with well-mixed bits (from the fractional part of pi),
-/// the multiplier of each folded multiply.
+/// the multiplier of each word folded in.
 const K: u64 = 0x243f_6a88_85a3_08d3;
+/// The finishing multiplier (2^64 / the golden ratio, odd).
+const K_FINISH: u64 = 0x9e37_79b9_7f4a_7c15;
 
-/// Multiplies to 128 bits and folds the halves: every input bit reaches
-/// both the low bits (hashbrown's bucket index) and the high bits (its
-/// control byte), which a plain multiply would not give the low bits.
-#[inline(always)]
-fn folded_multiply(a: u64, b: u64) -> u64 {
-    let full = u128::from(a) * u128::from(b);
-    (full as u64) ^ ((full >> 64) as u64)
-}
+// Only 64-bit multiplies, never a 64×64→128 one: wasm32 has no wide
+// multiply, so `u128` products compile to a call to `__multi3` through the
+// shadow stack, three per key. Without them hashmap's `put` in Wasm takes
+// about half the time (BENCHMARKS.md, session 4); natively both are cheap.
 
 /// Hasher state; see the module docs for why it is unkeyed.
 #[derive(Clone, Copy, Debug, Default)]
@@ -44,7 +42,9 @@ impl Hasher for FastHasher {
 
     #[inline]
     fn write_u64(&mut self, n: u64) {
-        self.state = folded_multiply(self.state ^ n, K);
+        // The rotation carries the previous word's well-mixed high bits
+        // into the low bits the next multiply spreads upwards.
+        self.state = (self.state.rotate_left(23) ^ n).wrapping_mul(K);
     }
 
     #[inline]
@@ -59,8 +59,14 @@ impl Hasher for FastHasher {
 
     #[inline]
     fn finish(&self) -> u64 {
-        // One more round so that a key of a single word is mixed twice.
-        folded_multiply(self.state, K ^ 0x9e37_79b9_7f4a_7c15)
+        // hashbrown takes its bucket index from the low bits and its
+        // control byte from the top 7 bits of the hash's low `usize`: bits
+        // 25..32 on wasm32, 57..64 natively. A product's low bits depend
+        // only on the multiplicand's low bits, so fold the high half down
+        // first, and fold the product's high bits down after.
+        let h = self.state ^ (self.state >> 32);
+        let h = h.wrapping_mul(K_FINISH);
+        h ^ (h >> 29)
     }
 }
 

@@ -225,12 +225,27 @@ fn sorted_permutes_every_column() {
 }
 
 #[test]
-fn fast_hasher_spreads_low_bits() {
-    // Keys differing only in high bits must still land in different
-    // low-bit buckets, or hashbrown degenerates to a scan.
-    let h = |k: (u64, u64)| FastState.hash_one(k) & 0xff;
-    let mut seen: Vec<u64> = (0..64u64).map(|i| h((i << 40, 0))).collect();
-    seen.sort_unstable();
-    seen.dedup();
-    assert!(seen.len() > 32, "only {} distinct low bytes", seen.len());
+fn fast_hasher_spreads_every_bit_hashbrown_reads() {
+    // hashbrown indexes buckets with the hash's low bits and keeps the top
+    // 7 bits of its low `usize` as a control byte: bits 25..32 on wasm32,
+    // 57..64 natively. Keys that differ only in their high bits (series
+    // ids), or only in the bucket start, must spread over all three, or
+    // the table degenerates into a scan.
+    let distinct = |bits: fn(u64) -> u64, keys: &[(u64, u64)]| {
+        let mut seen: Vec<u64> = keys.iter().map(|&k| bits(FastState.hash_one(k))).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen.len()
+    };
+    let high: Vec<(u64, u64)> = (0..64u64).map(|i| (i << 40, 0)).collect();
+    let bucket: Vec<(u64, u64)> = (0..64u64).map(|i| (7, i * 60)).collect();
+    let index = |h: u64| h & 0xff;
+    let tag32 = |h: u64| (h >> 25) & 0x7f;
+    let tag64 = |h: u64| h >> 57;
+    for (name, keys) in [("high series bits", &high), ("bucket starts", &bucket)] {
+        for (part, bits) in [("index", index as fn(u64) -> u64), ("wasm32 tag", tag32), ("64-bit tag", tag64)] {
+            let n = distinct(bits, keys);
+            assert!(n > 32, "{name}: only {n} distinct values of the {part} bits for 64 keys");
+        }
+    }
 }
