@@ -243,9 +243,16 @@ fn fast_hasher_spreads_every_bit_hashbrown_reads() {
     let tag32 = |h: u64| (h >> 25) & 0x7f;
     let tag64 = |h: u64| h >> 57;
     for (name, keys) in [("high series bits", &high), ("bucket starts", &bucket)] {
-        for (part, bits) in [("index", index as fn(u64) -> u64), ("wasm32 tag", tag32), ("64-bit tag", tag64)] {
+        for (part, bits) in [
+            ("index", index as fn(u64) -> u64),
+            ("wasm32 tag", tag32),
+            ("64-bit tag", tag64),
+        ] {
             let n = distinct(bits, keys);
-            assert!(n > 32, "{name}: only {n} distinct values of the {part} bits for 64 keys");
+            assert!(
+                n > 32,
+                "{name}: only {n} distinct values of the {part} bits for 64 keys"
+            );
         }
     }
 }
