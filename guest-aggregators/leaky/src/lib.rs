@@ -83,6 +83,13 @@ impl Aggregator for LeakyAgg {
         }
     }
 
+    fn begin_merge(&mut self, rows: usize) {
+        // A series has one or two open buckets as a rule, so `rows` bounds
+        // the series too without wasting much.
+        self.buckets.reserve(rows);
+        self.series.reserve(rows);
+    }
+
     fn merge_row(&mut self, series: u64, bucket_start: u64, agg: &Agg) {
         match self.buckets.entry((series, bucket_start)) {
             Entry::Occupied(mut e) => e.get_mut().merge(agg),

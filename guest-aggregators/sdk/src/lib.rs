@@ -329,6 +329,13 @@ pub trait Aggregator: Default {
     #[inline]
     fn begin_batch(&mut self, _len: usize) {}
 
+    /// Called once per `merge` before its rows, with their number. Optional:
+    /// a hot swap merges the whole state of the module it replaces into an
+    /// empty one, and reserving here saves growing (and rehashing) the
+    /// tables step by step while the shard waits.
+    #[inline]
+    fn begin_merge(&mut self, _rows: usize) {}
+
     /// One finite sample, already mapped to its bucket start.
     fn add(&mut self, series: u64, bucket_start: u64, value: f64);
 
@@ -463,6 +470,7 @@ impl<A: Aggregator> Driver<A> {
                 "row {i} (series {s}, bucket {b}): bucket start is not a multiple of the bucket width {width}"
             ));
         }
+        self.inner.begin_merge(state.series.len());
         for (s, b, agg) in state.rows() {
             self.inner.merge_row(s, b, &agg);
         }

@@ -11,6 +11,8 @@ struct Naive {
     width: u64,
     rows: Vec<(u64, u64, Agg)>,
     batches: usize,
+    /// The row count of every `begin_merge`.
+    merges: Vec<usize>,
 }
 
 impl Naive {
@@ -32,6 +34,9 @@ impl Aggregator for Naive {
     }
     fn begin_batch(&mut self, _len: usize) {
         self.batches += 1;
+    }
+    fn begin_merge(&mut self, rows: usize) {
+        self.merges.push(rows);
     }
     fn add(&mut self, s: u64, b: u64, v: f64) {
         match self.find(s, b) {
@@ -168,8 +173,10 @@ fn merge_validates_everything_first() {
     let err = d.merge(&bad).unwrap_err();
     assert!(err.contains("row 2"), "{err}");
     assert_eq!(d.stats().live_buckets, 0, "a failed merge changes nothing");
+    assert!(d.inner().merges.is_empty(), "nothing reserved for a refused merge");
     d.merge(&good).expect("merge");
     d.merge(&good).expect("merge again combines");
+    assert_eq!(d.inner().merges, vec![2, 2], "each merge announces its rows");
     let out = d.export_state().sorted();
     assert_eq!(out.count, vec![2, 2]);
     assert_eq!(out.sum, vec![2.0, 4.0]);

@@ -115,6 +115,11 @@ impl Aggregator for SortedAgg {
         }
     }
 
+    fn begin_merge(&mut self, rows: usize) {
+        self.series.reserve(rows);
+        self.order.reserve(rows);
+    }
+
     fn merge_row(&mut self, series: u64, bucket_start: u64, agg: &Agg) {
         self.upsert(series, bucket_start, |a| a.merge(agg), || *agg);
     }
