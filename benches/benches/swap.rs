@@ -1,0 +1,77 @@
+//! Hot-swap pause: what a shard's data path stands still for while it moves
+//! its open buckets to another module (`Command::Swap`: the old instance
+//! exports, a new one instantiates and merges, then replaces it).
+//!
+//! `cargo bench -p wagg-benches --bench swap`
+//!
+//! - `swap/hashmap-btree/live/<n>`, `swap/hashmap-hashmap/live/<n>`: a real
+//!   shard holding `n` open rows (one per series, one bucket) swaps from
+//!   hashmap to the other module; throughput is rows carried over. The time
+//!   is the shard's own [`SwapReport::pause`](wagg::shard::SwapReport)
+//!   (what `wagg_swap_pause_seconds` observes). Between two timed swaps the
+//!   shard swaps back to hashmap, untimed, so every timed swap starts from
+//!   hashmap with the same state.
+//!
+//! Criterion reports means; the tail (p99) comes from the plain loop in
+//! `benches/bin/swap_pause.rs`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use wagg::runtime::{LoadedModule, Runtime, RuntimeLimits};
+use wagg_artifacts::{BTREE, HASHMAP};
+use wagg_benches::live_shard::{LiveShard, T0};
+
+/// Live series (= open rows) every swap runs at.
+const LIVE: [u64; 3] = [1_000, 10_000, 100_000];
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+}
+
+fn bench_swap(
+    c: &mut Criterion,
+    rt: &Runtime,
+    (from_name, from): (&str, &Arc<LoadedModule>),
+    (to_name, to): (&str, &Arc<LoadedModule>),
+) {
+    let mut group = c.benchmark_group(format!("swap/{from_name}-{to_name}"));
+    for live in LIVE {
+        group.throughput(Throughput::Elements(live));
+        let shard = LiveShard::start(rt, from, from);
+        shard.fill(live, T0);
+        group.bench_function(BenchmarkId::new("live", live), |b| {
+            b.iter_custom(|iters| {
+                let mut paused = Duration::ZERO;
+                for _ in 0..iters {
+                    let report = shard.swap(to).expect("the swap succeeds");
+                    assert_eq!(report.rows as u64, live);
+                    paused += report.pause;
+                    shard.swap(from).expect("the swap back succeeds");
+                }
+                paused
+            })
+        });
+        shard.stop();
+    }
+    group.finish();
+}
+
+fn swap(c: &mut Criterion) {
+    let rt = Runtime::new(RuntimeLimits::default(), None).unwrap();
+    let hashmap = rt.load(HASHMAP.bytes).unwrap();
+    let btree = rt.load(BTREE.bytes).unwrap();
+    bench_swap(c, &rt, ("hashmap", &hashmap), ("btree", &btree));
+    bench_swap(c, &rt, ("hashmap", &hashmap), ("hashmap", &hashmap));
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = swap
+}
+criterion_main!(benches);
