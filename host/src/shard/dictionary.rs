@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
 use crate::router::hash_bytes;
 
@@ -40,7 +41,9 @@ type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
 #[derive(Debug)]
 struct Entry {
-    key: Box<[u8]>,
+    /// Shared with the shard's snapshot rows and the checkpoint being
+    /// written, which would otherwise each hold a copy of every live key.
+    key: Arc<[u8]>,
     last_bucket: u64,
 }
 
@@ -106,8 +109,8 @@ impl Dictionary {
     }
 
     /// The key of `id`, if it is live.
-    pub fn key(&self, id: u64) -> Option<&[u8]> {
-        self.by_id.get(&id).map(|e| &*e.key)
+    pub fn key(&self, id: u64) -> Option<&Arc<[u8]>> {
+        self.by_id.get(&id).map(|e| &e.key)
     }
 
     /// Whether `id` is a live series.
@@ -127,9 +130,10 @@ impl Dictionary {
 
     /// Approximate bytes held: keys plus table overhead.
     pub fn bytes(&self) -> usize {
-        // Per entry: the map slot (id + boxed key + last bucket, ~40 B with
-        // control bytes) and the key's heap allocation.
-        self.key_bytes + self.by_id.capacity() * 41
+        // Per entry: the map slot (id + key pointer + last bucket, ~40 B
+        // with control bytes) and the key's allocation (its two reference
+        // counts and the bytes).
+        self.key_bytes + self.by_id.len() * 16 + self.by_id.capacity() * 41
     }
 
     /// Forgets every series whose last sample was in a bucket starting
@@ -164,7 +168,7 @@ mod tests {
         let b = d.intern(b"\x00b\x00", 120);
         assert_ne!(a, b);
         assert_eq!(d.intern(b"\x00a\x00", 180), a);
-        assert_eq!(d.key(a), Some(&b"\x00a\x00"[..]));
+        assert_eq!(d.key(a).map(|k| &k[..]), Some(&b"\x00a\x00"[..]));
         assert_eq!(d.forget_before(150), 1);
         assert!(!d.contains(b));
         assert!(d.contains(a));
@@ -180,7 +184,7 @@ mod tests {
         d.insert(id, b"\x01other\x00", 0);
         let got = d.intern(key, 0);
         assert_ne!(got, id);
-        assert_eq!(d.key(got), Some(&key[..]));
+        assert_eq!(d.key(got).map(|k| &k[..]), Some(&key[..]));
         assert_eq!(d.intern(key, 60), got, "a collided key keeps its id");
         assert_eq!(
             d.forget_before(1),

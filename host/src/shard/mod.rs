@@ -40,9 +40,10 @@ use crate::telemetry::{
 /// checkpoint, independent of ids and of the module that held it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateRow {
-    /// Series key: raw bytes in the binary checkpoint, hex in JSON.
+    /// Series key: raw bytes in the binary checkpoint, hex in JSON. Shared
+    /// with the shard's dictionary while the series is live.
     #[serde(with = "key_bytes")]
-    pub key: Box<[u8]>,
+    pub key: Arc<[u8]>,
     /// Bucket start, seconds.
     pub bucket: u64,
     /// Samples aggregated.
@@ -69,10 +70,12 @@ mod key_bytes {
         }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Box<[u8]>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<std::sync::Arc<[u8]>, D::Error> {
         struct Key;
         impl Visitor<'_> for Key {
-            type Value = Box<[u8]>;
+            type Value = std::sync::Arc<[u8]>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a series key (bytes, or hex)")
             }
@@ -643,7 +646,7 @@ impl Shard {
         let router = &self.spec.router;
         let tags = |id: u64| {
             dict.key(id)
-                .and_then(SeriesKey::parse)
+                .and_then(|k| SeriesKey::parse(k))
                 .and_then(|k| k.tags(router))
                 .unwrap_or_default()
         };
@@ -720,7 +723,7 @@ impl Shard {
             let tags = self
                 .dict
                 .key(aggs.series[i])
-                .and_then(SeriesKey::parse)
+                .and_then(|k| SeriesKey::parse(k))
                 .and_then(|k| k.tags(router))
                 .ok_or_else(|| InstanceError::BadOutput {
                     call: "flush",
@@ -745,9 +748,12 @@ impl Shard {
         let aggs = instance.export_state(&|id| dict.contains(id))?;
         let mut rows = Vec::with_capacity(aggs.len());
         for i in 0..aggs.len() {
-            let key = dict.key(aggs.series[i]).unwrap_or_default();
+            let key = dict
+                .key(aggs.series[i])
+                .cloned()
+                .unwrap_or_else(|| Arc::from(&[][..]));
             rows.push(StateRow {
-                key: key.into(),
+                key,
                 bucket: aggs.bucket_start[i],
                 count: aggs.count[i],
                 sum: aggs.sum[i],
