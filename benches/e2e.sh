@@ -6,7 +6,8 @@
 #   bash benches/e2e.sh [MESSAGES=30000] [OUT_DIR]
 #
 # Each phase publishes the same backlog of MESSAGES persistent messages of
-# 100 metrics (`wagg loadgen --count`, confirmed), then drains it:
+# 100 metrics (`wagg loadgen --count`, confirmed, at E2E_PUBLISH_RATE=4000
+# messages/s), then drains it:
 #   ceiling   target/release/broker-ceiling: takes and acks (multiple, every
 #             100) with wagg's prefetch, nothing else: the physical limit
 #   1 shard   wagg run, hashmap, 1 shard
@@ -40,8 +41,12 @@ vm_http=127.0.0.1:${E2E_VM_HTTP:-18628}
 vm_tsdb=127.0.0.1:${E2E_VM_TSDB:-14442}
 admin=127.0.0.1:${E2E_ADMIN:-19664}
 # Event time starts here and runs 60× faster than the publisher: a
-# backlog spans many one-minute buckets, which flush as it drains.
+# backlog spans many one-minute buckets, which flush as it drains. The
+# publisher is held at a fixed rate so that every run (and phase) has the
+# same buckets: unthrottled, a loaded machine published slower, spread the
+# backlog over more buckets and so gave wagg more points to write.
 start_time=1764133200
+publish_rate=${E2E_PUBLISH_RATE:-4000}
 
 pids=()
 names=()
@@ -96,7 +101,7 @@ backlog() { # phase: declare the topology and publish the backlog
     local dir=$out/$1
     "$ceiling" "$dir/wagg.toml" declare
     "$wagg" loadgen -c "$dir/wagg.toml" --count "$messages" --metrics-per-message 100 \
-        --start-time "$start_time" --time-scale 60 --progress none \
+        --start-time "$start_time" --time-scale 60 --rate "$publish_rate" --progress none \
         --totals-json "$dir/totals.json" --log warn > "$dir/loadgen.txt" 2>&1
 }
 
