@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 
 use super::TrafficError;
 use super::bench::{self, BenchOptions, Workload};
-use super::loadgen::{self, EventTime, LoadgenOptions, Rate};
+use super::loadgen::{self, EventTime, Format, LoadgenOptions, Rate};
 use super::progress::{Progress, ProgressMode};
 use super::publish::Target;
 use super::record::{RecordLimits, RecordSource, Recorder};
@@ -38,6 +38,26 @@ impl ProgressFlag {
             ProgressFlag::Auto => ProgressMode::Auto,
             ProgressFlag::Lines => ProgressMode::Lines,
             ProgressFlag::None => ProgressMode::Hidden,
+        }
+    }
+}
+
+/// What loadgen publishes (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatFlag {
+    /// wagg's JSON messages.
+    Json,
+    /// collectd `PUTVAL` commands (`text/collectd`), one message per metric:
+    /// the same workload for collectd's `amqp` plugin (identifiers in
+    /// `wagg::traffic::putval`).
+    Putval,
+}
+
+impl FormatFlag {
+    fn format(self) -> Format {
+        match self {
+            FormatFlag::Json => Format::Json,
+            FormatFlag::Putval => Format::Putval,
         }
     }
 }
@@ -120,6 +140,11 @@ pub struct LoadgenArgs {
     /// Seconds of event time per second of wall time (with `--start-time`).
     #[arg(long, default_value_t = 1.0, requires = "start_time")]
     pub time_scale: f64,
+    /// Instead of `--time-scale`: event time advances one second every N
+    /// messages, whatever the publishing speed, so that two runs with the
+    /// same seed publish the same times (with `--start-time`).
+    #[arg(long, requires = "start_time", conflicts_with = "time_scale")]
+    pub messages_per_event_second: Option<f64>,
     /// Bucket width the totals are kept per (default: `pipeline.bucket_seconds`).
     #[arg(long)]
     pub bucket_seconds: Option<u32>,
@@ -131,6 +156,12 @@ pub struct LoadgenArgs {
     /// customer, pop, bucket, sum) to this JSON file.
     #[arg(long)]
     pub totals_json: Option<PathBuf>,
+    /// Message format. `putval` publishes each metric as a collectd
+    /// `PUTVAL` command (host = pop, plugin instance = `c<customer>`), the
+    /// same metrics and totals as `json` for the same flags; `--count` and
+    /// `--rate` still count generated messages.
+    #[arg(long, value_enum, default_value = "json")]
+    pub format: FormatFlag,
 }
 
 /// `wagg record FILE`.
@@ -375,16 +406,19 @@ pub fn run_loadgen(args: LoadgenArgs) -> Result<(), TrafficError> {
         rate,
         count: args.count,
         duration: args.duration,
-        event_time: match args.start_time {
-            Some(start) => EventTime::Scaled {
+        event_time: match (args.start_time, args.messages_per_event_second) {
+            (Some(start), Some(per_second)) => EventTime::Counted { start, per_second },
+            (Some(start), None) => EventTime::Scaled {
                 start,
                 scale: args.time_scale,
             },
-            None => EventTime::Wall,
+            (None, _) => EventTime::Wall,
         },
     };
     let progress = Progress::new(args.broker.progress.mode(), "loadgen", args.count);
-    let report = tokio_runtime()?.block_on(loadgen::loadgen(&opts, &progress, ctrl_c()))?;
+    let format = args.format.format();
+    let report =
+        tokio_runtime()?.block_on(loadgen::loadgen_as(&opts, format, &progress, ctrl_c()))?;
     progress.finish();
     println!(
         "published {} messages, {} metrics, {} samples, sum of counts {} in {:.2} s ({:.0} msg/s)",
@@ -395,6 +429,13 @@ pub fn run_loadgen(args: LoadgenArgs) -> Result<(), TrafficError> {
         report.elapsed_secs,
         report.messages as f64 / report.elapsed_secs.max(1e-9)
     );
+    if format == Format::Putval {
+        println!(
+            "as {} PUTVAL messages ({:.0} msg/s)",
+            report.published,
+            report.published as f64 / report.elapsed_secs.max(1e-9)
+        );
+    }
     for rollup in &cfg.router.rollups {
         let points = if rollup.name == "customer" {
             format!(", {} points", report.per_customer.len())

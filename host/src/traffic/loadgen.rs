@@ -11,8 +11,10 @@ use serde::Serialize;
 use super::TrafficError;
 use super::progress::Progress;
 use super::publish::{Publisher, Target};
+use super::putval;
 use super::ratelimit::TokenBucket;
 use crate::source::generator::{Churn, Generator, GeneratorConfig, Totals};
+use crate::source::json::{Decoder, JsonDecoder};
 
 /// A target rate.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,6 +39,29 @@ pub enum EventTime {
         /// Seconds of event time per second of wall time.
         scale: f64,
     },
+    /// `start` plus the message's index divided by `per_second`: the same
+    /// times however fast the broker takes them, so that two runs with the
+    /// same seed (say one in each [`Format`]) publish the same traffic and
+    /// the same totals.
+    Counted {
+        /// Event time of the first message, seconds since the epoch.
+        start: u64,
+        /// Messages per second of event time (> 0).
+        per_second: f64,
+    },
+}
+
+/// How the generated messages are put on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// wagg's JSON message, one per generated message.
+    #[default]
+    Json,
+    /// collectd's `PUTVAL` command (`text/collectd`), one broker message per
+    /// metric of each generated message, with the identifiers of
+    /// [`putval`]: the same metrics, counts and event times as
+    /// [`Format::Json`] for the same seed, so the totals are the same.
+    Putval,
 }
 
 /// What `loadgen` does.
@@ -66,8 +91,12 @@ pub struct LoadgenOptions {
 /// What a run published.
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadgenReport {
-    /// Messages published and confirmed.
+    /// Generated messages (each of `metrics_per_message` metrics) published
+    /// and confirmed.
     pub messages: u64,
+    /// Broker messages published and confirmed: `messages` in
+    /// [`Format::Json`], one per metric in [`Format::Putval`].
+    pub published: u64,
     /// Metrics in them.
     pub metrics: u64,
     /// Samples they make for the host: metrics × rollups.
@@ -97,7 +126,13 @@ pub struct CustomerTotal {
 }
 
 impl LoadgenReport {
-    fn from_totals(t: &Totals, rollups: usize, elapsed: Duration, bucket_seconds: u32) -> Self {
+    fn from_totals(
+        t: &Totals,
+        published: u64,
+        rollups: usize,
+        elapsed: Duration,
+        bucket_seconds: u32,
+    ) -> Self {
         let mut per_customer: Vec<CustomerTotal> = t
             .per_customer
             .iter()
@@ -112,6 +147,7 @@ impl LoadgenReport {
             .sort_by(|a, b| (a.customer, &a.pop, a.bucket).cmp(&(b.customer, &b.pop, b.bucket)));
         LoadgenReport {
             messages: t.messages,
+            published,
             metrics: t.metrics,
             samples: t.metrics * rollups as u64,
             count_sum: t.count_sum,
@@ -128,9 +164,26 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Publishes generated traffic until `count` or `duration` is reached or
-/// `stop` resolves, then waits for every confirm. Reports each second to
-/// `progress`.
+/// Publishes generated traffic as wagg's JSON until `count` or `duration`
+/// is reached or `stop` resolves, then waits for every confirm: [`loadgen_as`]
+/// with [`Format::Json`].
+///
+/// # Errors
+///
+/// As [`loadgen_as`].
+pub async fn loadgen(
+    opts: &LoadgenOptions,
+    progress: &Progress,
+    stop: impl Future<Output = ()>,
+) -> Result<LoadgenReport, TrafficError> {
+    loadgen_as(opts, Format::Json, progress, stop).await
+}
+
+/// Publishes generated traffic in `format` until `count` or `duration` is
+/// reached or `stop` resolves, then waits for every confirm. Reports each
+/// second to `progress`. `count` and the rate count generated messages in
+/// either format (a PUTVAL run publishes `metrics_per_message` broker
+/// messages for each).
 ///
 /// The totals count only messages the broker confirmed: a message is
 /// generated (and counted) just before it is published, and a run that
@@ -140,9 +193,11 @@ fn unix_now() -> u64 {
 ///
 /// [`TrafficError::Config`] for a shape the generator refuses;
 /// [`TrafficError::MissingExchange`]; any publish or confirm failure
-/// ([`TrafficError::Source`], e.g. no queue bound for the routing key).
-pub async fn loadgen(
+/// ([`TrafficError::Source`], e.g. no queue bound for the routing key);
+/// [`TrafficError::Putval`] for a name collectd cannot carry.
+pub async fn loadgen_as(
     opts: &LoadgenOptions,
+    format: Format,
     progress: &Progress,
     stop: impl Future<Output = ()>,
 ) -> Result<LoadgenReport, TrafficError> {
@@ -155,6 +210,15 @@ pub async fn loadgen(
         EventTime::Scaled { start, scale } => {
             gen_cfg.start_time = start;
             gen_cfg.time_scale = scale;
+        }
+        EventTime::Counted { start, per_second } => {
+            if !(per_second.is_finite() && per_second > 0.0) {
+                return Err(TrafficError::Config(format!(
+                    "messages per second of event time must be a positive number, not {per_second}"
+                )));
+            }
+            gen_cfg.start_time = start;
+            gen_cfg.time_scale = 1.0;
         }
     }
     let mut generator =
@@ -170,6 +234,12 @@ pub async fn loadgen(
         None => f64::INFINITY,
     };
     let mut publisher = Publisher::connect(&opts.target, "wagg loadgen").await?;
+    if format == Format::Putval {
+        publisher.set_content_type(putval::CONTENT_TYPE);
+    }
+    // PUTVAL commands are made from the JSON the generator writes, read back
+    // by wagg's own decoder: the same metrics by construction.
+    let decoder = JsonDecoder::default();
     let counts = publisher.counts().clone();
     tracing::info!(
         exchange = %opts.target.exchange,
@@ -211,9 +281,23 @@ pub async fn loadgen(
             EventTime::Scaled { start, scale } => {
                 start + (started.elapsed().as_secs_f64() * scale) as u64
             }
+            EventTime::Counted { start, per_second } => start + (sent as f64 / per_second) as u64,
         };
         let body = generator.message(time);
-        publisher.publish(body).await?;
+        match format {
+            Format::Json => publisher.publish(body).await?,
+            Format::Putval => {
+                let commands = {
+                    let msg = decoder.decode(&body).map_err(|e| {
+                        TrafficError::Config(format!("a generated message does not decode: {e}"))
+                    })?;
+                    putval::encode(&msg)?
+                };
+                for command in commands {
+                    publisher.publish(command).await?;
+                }
+            }
+        }
         sent += 1;
         if last_report.0.elapsed() >= Duration::from_secs(1) {
             let rate = (sent - last_report.1) as f64 / last_report.0.elapsed().as_secs_f64();
@@ -239,6 +323,7 @@ pub async fn loadgen(
     let t = totals.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(LoadgenReport::from_totals(
         &t,
+        confirmed,
         opts.rollups,
         elapsed,
         opts.bucket_seconds,

@@ -11,6 +11,9 @@
 //!   fixed rate;
 //! - [`bench`]: modules run on a recording or generated workload through
 //!   the real decoder, router, dictionary and runtime; the talk's table;
+//! - [`putval`]: the same messages as collectd `PUTVAL` commands, one
+//!   metric each (`loadgen --format putval`), to feed collectd the same
+//!   workload;
 //! - [`cli`]: the `wagg loadgen|record|replay|bench` commands.
 
 pub mod bench;
@@ -18,6 +21,7 @@ pub mod cli;
 pub mod loadgen;
 pub mod progress;
 mod publish;
+pub mod putval;
 pub mod ratelimit;
 pub mod record;
 pub mod recording;
@@ -53,6 +57,9 @@ pub enum TrafficError {
     /// queue bound for the routing key).
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// A generated metric that collectd's command format cannot carry.
+    #[error(transparent)]
+    Putval(#[from] putval::PutvalError),
     /// The publisher's confirm task ended without saying why.
     #[error("the publisher stopped unexpectedly")]
     PublisherStopped,

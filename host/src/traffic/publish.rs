@@ -128,6 +128,16 @@ impl Publisher {
         })
     }
 
+    /// Labels every message published from now on with `content_type`
+    /// (collectd's `amqp` plugin refuses a message without
+    /// `text/collectd`).
+    pub(crate) fn set_content_type(&mut self, content_type: &str) {
+        self.properties = self
+            .properties
+            .clone()
+            .with_content_type(content_type.into());
+    }
+
     /// The counts, shared.
     pub(crate) fn counts(&self) -> &Arc<PublishCounts> {
         &self.counts
