@@ -6,8 +6,7 @@
 #   bash benches/e2e.sh [MESSAGES=30000] [OUT_DIR]
 #
 # Each phase publishes the same backlog of MESSAGES persistent messages of
-# 100 metrics (`wagg loadgen --count`, confirmed, at E2E_PUBLISH_RATE=4000
-# messages/s), then drains it:
+# 100 metrics (`wagg loadgen --count`, confirmed), then drains it:
 #   ceiling   target/release/broker-ceiling: takes and acks (multiple, every
 #             100) with wagg's prefetch, nothing else: the physical limit
 #   1 shard   wagg run, hashmap, 1 shard
@@ -31,6 +30,9 @@ out=${2:-$(mktemp -d /tmp/wagg-e2e.XXXXXX)}
 mkdir -p "$out"
 here=$(cd "$(dirname "$0")/.." && pwd)
 wagg=${WAGG:-$here/target/release/wagg}
+# The loadgen may come from another build than the `wagg run` measured
+# (to compare an older wagg on the same workload).
+loadgen=${LOADGEN:-$wagg}
 ceiling=${CEILING:-$here/target/release/broker-ceiling}
 for b in "$wagg" "$ceiling"; do
     [ -x "$b" ] || { echo "e2e: build first: cargo build --release -p wagg -p wagg-benches" >&2; exit 1; }
@@ -40,13 +42,13 @@ tag=wagg-e2e-$$
 vm_http=127.0.0.1:${E2E_VM_HTTP:-18628}
 vm_tsdb=127.0.0.1:${E2E_VM_TSDB:-14442}
 admin=127.0.0.1:${E2E_ADMIN:-19664}
-# Event time starts here and runs 60× faster than the publisher: a
-# backlog spans many one-minute buckets, which flush as it drains. The
-# publisher is held at a fixed rate so that every run (and phase) has the
-# same buckets: unthrottled, a loaded machine published slower, spread the
-# backlog over more buckets and so gave wagg more points to write.
+# Event time starts here and advances one second every 16 messages: a
+# backlog of 30 000 spans 32 one-minute buckets, which flush as it drains.
+# Event time follows the message's index, not the clock, so every run and
+# phase has the same buckets: derived from publishing speed, a loaded
+# machine spread the backlog over more buckets and so gave wagg more points
+# to write.
 start_time=1764133200
-publish_rate=${E2E_PUBLISH_RATE:-4000}
 
 pids=()
 names=()
@@ -100,8 +102,8 @@ EOF
 backlog() { # phase: declare the topology and publish the backlog
     local dir=$out/$1
     "$ceiling" "$dir/wagg.toml" declare
-    "$wagg" loadgen -c "$dir/wagg.toml" --count "$messages" --metrics-per-message 100 \
-        --start-time "$start_time" --time-scale 60 --rate "$publish_rate" --progress none \
+    "$loadgen" loadgen -c "$dir/wagg.toml" --count "$messages" --metrics-per-message 100 \
+        --start-time "$start_time" --messages-per-event-second 16 --progress none \
         --totals-json "$dir/totals.json" --log warn > "$dir/loadgen.txt" 2>&1
 }
 
