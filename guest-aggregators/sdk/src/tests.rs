@@ -173,10 +173,17 @@ fn merge_validates_everything_first() {
     let err = d.merge(&bad).unwrap_err();
     assert!(err.contains("row 2"), "{err}");
     assert_eq!(d.stats().live_buckets, 0, "a failed merge changes nothing");
-    assert!(d.inner().merges.is_empty(), "nothing reserved for a refused merge");
+    assert!(
+        d.inner().merges.is_empty(),
+        "nothing reserved for a refused merge"
+    );
     d.merge(&good).expect("merge");
     d.merge(&good).expect("merge again combines");
-    assert_eq!(d.inner().merges, vec![2, 2], "each merge announces its rows");
+    assert_eq!(
+        d.inner().merges,
+        vec![2, 2],
+        "each merge announces its rows"
+    );
     let out = d.export_state().sorted();
     assert_eq!(out.count, vec![2, 2]);
     assert_eq!(out.sum, vec![2.0, 4.0]);
