@@ -398,32 +398,6 @@ struct Coordinator<S: Source> {
     /// goes past the first of them (a `multiple` ack past it would drop it
     /// without its dead letter).
     undead: Vec<(Delivery, &'static str, String)>,
-    /// The checkpoint being written, if any: at most one at a time.
-    in_flight: Option<InFlight>,
-}
-
-/// A checkpoint cut at a message boundary and being written by a blocking
-/// task, while deliveries go on being taken. Only once it is on disk are
-/// the deliveries before its boundary acked.
-struct InFlight {
-    save: tokio::task::JoinHandle<Result<(), CheckpointError>>,
-    /// How far the ack may go once it is saved.
-    ack_to: Option<DeliveryTag>,
-    /// Deliveries taken before the cut, which its ack settles.
-    covers: u64,
-    started: Instant,
-    rows: usize,
-    pending_points: usize,
-}
-
-/// Resolves when the checkpoint in flight is saved; never without one.
-async fn saved(
-    in_flight: &mut Option<InFlight>,
-) -> Result<Result<(), CheckpointError>, tokio::task::JoinError> {
-    match in_flight {
-        Some(f) => (&mut f.save).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Runs the pipeline until `shutdown` resolves or the source ends, then
@@ -485,7 +459,6 @@ pub async fn run<S: Source>(
         open_data: cp.max_event_time > cp.flushed_watermark,
         undead: Vec::new(),
         unacked: 0,
-        in_flight: None,
         parts,
     };
     let (stop_sink_tx, stop_sink_rx) = tokio::sync::watch::channel(false);
@@ -662,29 +635,25 @@ impl<S: Source> Coordinator<S> {
                         None => source_done = true,
                     }
                 }
-                saved = saved(&mut self.in_flight) => {
-                    self.checkpoint_saved(saved).await?;
-                    // Spacing them by at least four times their cost keeps
-                    // checkpoint writing under a fifth of a core; the
-                    // prefetch window must then cover the longer interval
-                    // (see `[source.amqp] prefetch`).
-                    spacing = checkpoint_every.max(checkpointed_at.elapsed() * 4);
-                }
                 _ = tick.tick() => {
                     self.on_tick().await?;
-                    // Deliveries stop once the source's window is full of
-                    // unacked ones. Cutting at half the window lets the
-                    // other half arrive while the checkpoint is written, so
-                    // the ack comes before consumption stalls.
+                    // With the source's window full nothing arrives until
+                    // an ack, so spacing checkpoints out (below) would only
+                    // stall consumption longer.
                     let since = checkpointed_at.elapsed();
-                    let filling = self
-                        .source
-                        .window()
-                        .is_some_and(|w| self.unacked.saturating_mul(2) >= w)
+                    let starved = self.source.window().is_some_and(|w| self.unacked >= w)
                         && since >= checkpoint_every;
-                    if self.in_flight.is_none() && (since >= spacing || filling) {
+                    if since >= spacing || starved {
+                        let started = Instant::now();
+                        self.checkpoint().await?;
                         checkpointed_at = Instant::now();
-                        self.cut_checkpoint().await?;
+                        // A checkpoint stalls the pipeline while it is cut
+                        // and written, and its cost grows with the open
+                        // state. Spacing them by at least four times their
+                        // cost keeps that stall under a fifth of the time;
+                        // the prefetch window must then cover the longer
+                        // interval (see `[source.amqp] prefetch`).
+                        spacing = checkpoint_every.max(started.elapsed() * 4);
                     }
                     if source_done {
                         return Ok(());
@@ -926,21 +895,8 @@ impl<S: Source> Coordinator<S> {
     }
 
     /// Writes a checkpoint at the current message boundary, then acks every
-    /// delivery it covers; first waits for the one in flight, if any.
+    /// delivery it covers.
     async fn checkpoint(&mut self) -> Result<(), PipelineError> {
-        self.cut_checkpoint().await?;
-        let saved = saved(&mut self.in_flight).await;
-        self.checkpoint_saved(saved).await
-    }
-
-    /// Cuts a checkpoint at the current message boundary and starts writing
-    /// it; [`Self::checkpoint_saved`] acks once it is on disk. Waits for the
-    /// one in flight first, so that checkpoints reach the disk in order.
-    async fn cut_checkpoint(&mut self) -> Result<(), PipelineError> {
-        if self.in_flight.is_some() {
-            let saved = saved(&mut self.in_flight).await;
-            self.checkpoint_saved(saved).await?;
-        }
         let started = Instant::now();
         self.send_all_batches().await?;
         // Every shard snapshots at once; then the replies are collected.
@@ -957,8 +913,6 @@ impl<S: Source> Coordinator<S> {
         for rx in replies {
             rows.extend(rx.await.map_err(|_| PipelineError::ShardStopped)?);
         }
-        // Only now: a shard pushes what it flushed before the snapshot to
-        // the outbox before it replies, so those points are in `pending`.
         let cp = Checkpoint {
             version: VERSION,
             flushed_watermark: self.flushed_watermark,
@@ -968,42 +922,24 @@ impl<S: Source> Coordinator<S> {
             recent_messages: self.dedup.unconfirmed(),
         };
         let (rows, pending_points) = (cp.rows.len(), cp.pending.len());
-        let ack_to = self.retry_dead_letters().await;
         let store = self.store.clone();
-        self.in_flight = Some(InFlight {
-            save: tokio::task::spawn_blocking(move || store.save(&cp)),
-            ack_to,
-            covers: self.unacked,
-            started,
+        tokio::task::spawn_blocking(move || store.save(&cp))
+            .await
+            .map_err(|e| PipelineError::Config(format!("checkpoint writer panicked: {e}")))??;
+        CheckpointWritten {
             rows,
             pending_points,
-        });
-        Ok(())
-    }
-
-    /// Acks what the checkpoint in flight covers, now that `saved` says it
-    /// is on disk.
-    async fn checkpoint_saved(
-        &mut self,
-        saved: Result<Result<(), CheckpointError>, tokio::task::JoinError>,
-    ) -> Result<(), PipelineError> {
-        let Some(done) = self.in_flight.take() else {
-            return Ok(());
-        };
-        saved.map_err(|e| PipelineError::Config(format!("checkpoint writer panicked: {e}")))??;
-        CheckpointWritten {
-            rows: done.rows,
-            pending_points: done.pending_points,
-            duration: done.started.elapsed(),
+            duration: started.elapsed(),
         }
         .emit(&self.metrics, &self.counters);
-        if let Some(tag) = done.ack_to
+        let ack_to = self.retry_dead_letters().await;
+        if let Some(tag) = ack_to
             && Some(tag) > self.acked_tag
         {
             match self.source.ack_upto(tag).await {
                 Ok(confirmed) => {
                     self.acked_tag = Some(tag);
-                    self.unacked = self.unacked.saturating_sub(done.covers);
+                    self.unacked = 0;
                     if confirmed {
                         // Only now can these messages not come back.
                         self.dedup.acked(tag);
