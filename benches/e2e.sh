@@ -184,25 +184,7 @@ phase_wagg() { # phase shards shadow(yes/no)
     curl -s "http://$vm_http/internal/force_flush" >/dev/null
     curl -s "http://$vm_http/api/v1/export" -d "match[]={__name__=\"e2e.$phase\"}" > "$dir/export.jsonl"
     local exact
-    exact=$(python3 - "$dir/totals.json" "$dir/export.jsonl" <<'EOF'
-import json, sys
-totals = json.load(open(sys.argv[1]))
-want = {(str(t["customer"]), t["pop"], t["bucket"]): t["count"] for t in totals["per_customer"]}
-got, sums = {}, {}
-for line in open(sys.argv[2]):
-    s = json.loads(line)
-    m = s["metric"]
-    last = dict(zip(s["timestamps"], s["values"]))  # the last write of each point
-    sums[m["rollup"]] = sums.get(m["rollup"], 0.0) + sum(last.values())
-    if m["rollup"] == "customer":
-        for ts, v in last.items():
-            got[(m["customer"], m["pop"], ts // 1000)] = v
-bad = sum(1 for k, v in want.items() if got.get(k) != v) + sum(1 for k in got if k not in want)
-grand = all(abs(v - totals["count_sum"]) <= 1e-6 * totals["count_sum"] for v in sums.values()) and len(sums) == 3
-print(f"exact ({len(want)} customer points, 3 rollups' grand totals equal)" if bad == 0 and grand
-      else f"NOT EXACT: {bad} of {len(want)} customer points differ; rollup totals {sums} vs {totals['count_sum']}")
-EOF
-)
+    exact=$(python3 "$here/benches/exact.py" "$dir/totals.json" "$dir/export.jsonl")
     local secs rate
     secs=$(echo "$last - $first" | bc -l)
     rate=$(echo "$messages / $secs" | bc -l)
