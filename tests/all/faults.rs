@@ -32,13 +32,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use wagg::pipeline::{self, Drain, Parts, PipelineConfig, PipelineCounters, PipelineError};
+use wagg::pipeline::{self, Drain, Parts, PipelineConfig, PipelineCounters, PipelineError, Source};
 use wagg::router::RouterConfig;
 use wagg::runtime::{Runtime, RuntimeLimits};
 use wagg::shard::Assignment;
 use wagg::sink::{OpenTsdbConfig, Sink, SinkConfig};
 use wagg::source::amqp::{AmqpConfig, AmqpPublisher, AmqpSource};
-use wagg::source::generator::{Generator, GeneratorConfig};
+use wagg::source::generator::{Generator, GeneratorConfig, GeneratorSource};
 use wagg::source::json::JsonDecoder;
 use wagg_tests::VictoriaMetrics;
 
@@ -157,28 +157,43 @@ struct InProcess {
 
 impl InProcess {
     async fn start(amqp: AmqpConfig, sink: OpenTsdbConfig, config: PipelineConfig) -> InProcess {
+        let source = AmqpSource::connect(amqp).await.unwrap();
+        let hashmap = wagg::runtime::builtin("hashmap").unwrap();
+        Self::with_source(source, (hashmap, &[]), sink, config)
+    }
+
+    /// A pipeline reading `source` and running `module` (its bytes and
+    /// options) on every shard.
+    fn with_source(
+        source: impl Source + 'static,
+        module: (&[u8], &[(&str, &str)]),
+        sink: OpenTsdbConfig,
+        config: PipelineConfig,
+    ) -> InProcess {
         let runtime = Runtime::new(
             RuntimeLimits::default(),
             Some(&config.data_dir.join("compiled")),
         )
         .unwrap();
-        let module = runtime
-            .load(wagg::runtime::builtin("hashmap").unwrap())
-            .unwrap();
+        let (bytes, options) = module;
+        let options = options
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let module = Assignment::new(runtime.load(bytes).unwrap(), options, "under-test");
         let metrics = wagg::telemetry::Metrics::new();
         let parts = Parts {
             config,
             router: Arc::new(RouterConfig::default()),
             runtime,
-            assignment: Assignment::plain(module.clone()),
-            fallback: Assignment::plain(module),
+            fallback: module.clone(),
+            assignment: module,
             events: tokio::sync::broadcast::channel(64).0,
             control: None,
             decoder: Arc::new(JsonDecoder::default()),
             sink: Arc::new(Sink::from_config(&SinkConfig::OpenTsdb(sink)).unwrap()),
             metrics: metrics.clone(),
         };
-        let source = AmqpSource::connect(amqp).await.unwrap();
         let counters = Arc::new(PipelineCounters::default());
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(pipeline::run(
@@ -651,6 +666,96 @@ async fn a_sink_outage_holds_deliveries_bounds_pending_points_and_recovers_exact
         "unconfirmed points are not checkpointed"
     );
     assert!(metric(&text, "wagg_sink_retries_total", &[]) > 0.0);
+}
+
+/// Shards far behind the coordinator while the sink is down. The module
+/// is correct but slow (`misbehave`, mode `slow`), so the shard's queue is
+/// full and each flush waits behind it; event time runs a bucket a
+/// millisecond, so every tick could close more buckets. Once the outbox
+/// holds more than `max_pending_points`, nothing more may reach it: no
+/// delivery is taken and no flush is sent, nor is one already on its way
+/// behind the backlog (one flush is in flight at a time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_sink_stops_the_outbox_at_its_bound_even_with_the_shard_behind() {
+    // Nothing listens there: every write is refused by the kernel, a real
+    // failure, on demand.
+    let dead = wagg_tests::free_port();
+    let data = tempfile::tempdir().unwrap();
+    let generator = Generator::new(
+        GeneratorConfig {
+            customers: 100,
+            metrics_per_message: 10,
+            time_scale: 60_000.0,
+            ..GeneratorConfig::default()
+        },
+        WIDTH,
+    )
+    .unwrap();
+    // Several flushes' worth, so that the queue is full when it is passed.
+    let max_pending = 20_000;
+    let slow = wagg_artifacts::MISBEHAVE.bytes;
+    let host = InProcess::with_source(
+        GeneratorSource::new(generator, None),
+        (slow, &[("mode", "slow"), ("work", "50000")]),
+        OpenTsdbConfig {
+            max_retries: 1,
+            retry_base_ms: 20,
+            retry_max_ms: 100,
+            ..OpenTsdbConfig::new(format!("http://{dead}"))
+        },
+        PipelineConfig {
+            max_pending_points: max_pending,
+            shutdown_timeout_secs: 1,
+            ..pipeline_config(data.path())
+        },
+    );
+    let state = || {
+        let text = host.metrics.render();
+        (
+            metric(&text, "wagg_sink_pending_points", &[]),
+            metric(&text, "wagg_flushes_total", &[]),
+            host.counters.messages.load(Ordering::Relaxed),
+        )
+    };
+    let started = Instant::now();
+    let deadline = started + PATIENCE;
+    let at = loop {
+        let now = state();
+        if now.0 > max_pending as f64 {
+            let text = host.metrics.render();
+            eprintln!(
+                "dead sink: past the bound after {:?}, shard queue {}",
+                started.elapsed(),
+                metric(&text, "wagg_shard_queue_depth", &[("shard", "0")])
+            );
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the outbox never filled: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // Long enough for the shard to work off its queue many times over.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = state();
+    host.stop().await;
+    eprintln!(
+        "dead sink: (pending, flushes, messages) {at:?} when past the bound, {after:?} 2 s later"
+    );
+    assert_eq!(
+        (after.0, after.1),
+        (at.0, at.1),
+        "(pending points, flushes) grew past the bound"
+    );
+    // One delivery may have been under way when the flush landed: the
+    // coordinator checks the bound before it waits for the next one.
+    assert!(
+        after.2 <= at.2 + 1,
+        "deliveries went on past the bound: {} then {}",
+        at.2,
+        after.2
+    );
 }
 
 /// An in-process host for the sink-fault tests: few, fast retries, so that

@@ -23,7 +23,9 @@
 //! `idle_flush_secs` without a message) and has every shard flush, and cuts
 //! checkpoints. A sink task writes what shards flushed, retrying until the
 //! sink confirms; while more than `max_pending_points` wait for it, no
-//! deliveries are taken (backpressure: the broker keeps the rest).
+//! deliveries are taken and nothing more is flushed (backpressure: the
+//! broker keeps the rest). One flush is in flight at a time, so the outbox
+//! never holds more than that bound plus the buckets one flush closes.
 
 pub mod checkpoint;
 pub mod dedup;
@@ -79,7 +81,8 @@ pub struct PipelineConfig {
     /// Buckets without a sample after which a series leaves the dictionary.
     pub forget_after_buckets: u64,
     /// Flushed points waiting for the sink beyond which no more deliveries
-    /// are taken.
+    /// are taken and no more buckets flushed (those already closed wait in
+    /// the shards' state, which the checkpoint holds).
     pub max_pending_points: usize,
     /// Directory for the checkpoint, uploaded modules and compiled modules.
     pub data_dir: PathBuf,
@@ -863,8 +866,16 @@ impl<S: Source> Coordinator<S> {
         if self.outbox.pending_points() > cfg.max_pending_points {
             // Backpressure: deliveries wait in the broker, so the stream is
             // not idle, and flushing its open buckets now would make the
-            // waiting samples late.
+            // waiting samples late. Buckets closed by deliveries taken
+            // before it set in stay in the shards' state (and so in the
+            // checkpoint) rather than swell the outbox past its bound.
             self.last_delivery = Instant::now();
+            return Ok(());
+        }
+        if self.outbox.flushes_in_flight() > 0 {
+            // The last flush is still behind a shard's backlog: the next one
+            // goes once its points are counted (see `Outbox::flush_sent`).
+            return Ok(());
         }
         if cfg.idle_flush_secs > 0
             && self.open_data
@@ -881,6 +892,8 @@ impl<S: Source> Coordinator<S> {
         }
         self.send_all_batches().await?;
         for shard in &self.shards {
+            // Counted before it is sent: the shard may run it at once.
+            self.outbox.flush_sent();
             shard
                 .send(Command::Flush(watermark))
                 .await

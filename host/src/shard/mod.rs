@@ -508,7 +508,7 @@ impl Shard {
                     watermark,
                 }
                 .emit(&self.spec.metrics, &self.counters);
-                self.outbox.push(points);
+                self.outbox.flushed(points);
                 self.log.push(Logged::Flush(watermark));
             }
             (Command::Snapshot(reply), Outcome::Rows(rows)) => {

@@ -25,6 +25,7 @@ struct Inner {
     next_seq: u64,
     jobs: BTreeMap<u64, Arc<Vec<Point>>>,
     points: usize,
+    flushes_in_flight: usize,
 }
 
 impl Outbox {
@@ -52,6 +53,30 @@ impl Outbox {
             inner.jobs.insert(seq, Arc::new(points));
         }
         self.notify.notify_one();
+    }
+
+    /// Counts a flush about to be sent to a shard (before, as the shard may
+    /// run it at once), whose points have not arrived yet.
+    /// Its size is unknown until the shard has run it, so the pipeline sends
+    /// no further flush meanwhile: otherwise flushes queued behind a shard's
+    /// backlog could each close more buckets and land together, far past
+    /// `max_pending_points`.
+    pub fn flush_sent(&self) {
+        self.lock().flushes_in_flight += 1;
+    }
+
+    /// Adds the points of a flush announced by [`Outbox::flush_sent`].
+    pub fn flushed(&self, points: Vec<Point>) {
+        {
+            let mut inner = self.lock();
+            inner.flushes_in_flight = inner.flushes_in_flight.saturating_sub(1);
+        }
+        self.push(points);
+    }
+
+    /// Number of flushes sent to shards whose points have not arrived.
+    pub fn flushes_in_flight(&self) -> usize {
+        self.lock().flushes_in_flight
     }
 
     /// Jobs with a sequence number of at least `from`, oldest first.
