@@ -4,6 +4,8 @@
 #
 #   cargo build --release -p wagg -p wagg-benches
 #   bash benches/e2e.sh [MESSAGES=30000] [OUT_DIR]
+#   PHASES="2-shards" bash benches/e2e.sh   # the ceiling and only these phases
+#   REQUESTS_IN_FLIGHT=1 bash benches/e2e.sh # [sink] requests_in_flight
 #
 # Each phase publishes the same backlog of MESSAGES persistent messages of
 # 100 metrics (`wagg loadgen --count`, confirmed), then drains it:
@@ -93,6 +95,7 @@ dead_letter_queue = "$name.dlq"
 [sink]
 kind = "opentsdb"
 url = "http://$vm_tsdb"
+${REQUESTS_IN_FLIGHT:+requests_in_flight = $REQUESTS_IN_FLIGHT}
 [admin]
 listen = "$admin"
 token = "e2e"
@@ -197,6 +200,11 @@ echo "e2e: $messages messages of 100 metrics per phase; output in $out"
 phase_ceiling
 printf '%-9s %8.0f msg/s %10.0f metrics/s  100.0 %% of ceiling\n' ceiling "$ceiling_rate" \
     "$(echo "$ceiling_rate * 100" | bc -l)" | tee "$out/results.txt"
-phase_wagg 1-shard 1 no
-phase_wagg 2-shards 2 no
-phase_wagg shadow 2 yes
+for phase in ${PHASES:-1-shard 2-shards shadow}; do
+    case $phase in
+        1-shard) phase_wagg 1-shard 1 no ;;
+        2-shards) phase_wagg 2-shards 2 no ;;
+        shadow) phase_wagg shadow 2 yes ;;
+        *) echo "e2e: unknown phase $phase (1-shard, 2-shards, shadow)" >&2; exit 2 ;;
+    esac
+done

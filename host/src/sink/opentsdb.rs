@@ -22,6 +22,7 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use rand::Rng;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE};
@@ -75,6 +76,12 @@ pub struct OpenTsdbConfig {
     /// before the write gives up.
     #[serde(default = "default_retry_max_ms")]
     pub retry_max_ms: u64,
+    /// Requests of one write in flight at once. A flush of many buckets is
+    /// many batches; with more than one in flight the next batch is
+    /// encoded and the server parses one while it stores another, instead
+    /// of each waiting for the other. Default 2.
+    #[serde(default = "default_requests_in_flight")]
+    pub requests_in_flight: usize,
 }
 
 fn default_batch_size() -> usize {
@@ -95,6 +102,9 @@ fn default_retry_base_ms() -> u64 {
 fn default_retry_max_ms() -> u64 {
     10_000
 }
+fn default_requests_in_flight() -> usize {
+    2
+}
 
 impl OpenTsdbConfig {
     /// A configuration for `url` with every other field at its default.
@@ -107,6 +117,7 @@ impl OpenTsdbConfig {
             max_retries: default_max_retries(),
             retry_base_ms: default_retry_base_ms(),
             retry_max_ms: default_retry_max_ms(),
+            requests_in_flight: default_requests_in_flight(),
         }
     }
 }
@@ -205,6 +216,11 @@ impl OpenTsdbSink {
                 "opentsdb timeout_ms must be at least 1".into(),
             ));
         }
+        if cfg.requests_in_flight == 0 {
+            return Err(SinkError::Config(
+                "opentsdb requests_in_flight must be at least 1".into(),
+            ));
+        }
         let endpoint = format!("{}/api/put?details", cfg.url.trim_end_matches('/'));
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
@@ -244,39 +260,45 @@ impl OpenTsdbSink {
     /// [`SinkError::Status`] at once for an answer that is not retried.
     pub async fn write(&self, points: &[Point]) -> Result<WriteReport, SinkError> {
         let mut report = WriteReport::default();
-        let mut batch: Vec<&Point> = Vec::with_capacity(self.cfg.batch_size.min(points.len()));
-        let mut json = Vec::new();
-        let mut rest = points.iter();
-        loop {
-            batch.clear();
-            for p in rest.by_ref() {
-                if let Some(reason) = p.invalid_reason() {
-                    report.refused.push((p.clone(), reason.to_owned()));
-                    continue;
-                }
-                batch.push(p);
-                if batch.len() == self.cfg.batch_size {
-                    break;
-                }
+        let mut valid: Vec<&Point> = Vec::with_capacity(points.len());
+        for p in points {
+            match p.invalid_reason() {
+                Some(reason) => report.refused.push((p.clone(), reason.to_owned())),
+                None => valid.push(p),
             }
-            if batch.is_empty() {
-                break;
-            }
-            json.clear();
-            encode_json_iter(batch.iter().copied(), &mut json);
-            let body = if self.cfg.gzip {
-                Bytes::from(gzip(&json))
-            } else {
-                Bytes::from(std::mem::take(&mut json))
+        }
+        // Batches complete in any order: each point is written once per
+        // write whatever the order, and a rewrite after a failed write
+        // stores the same values again.
+        // Collected first: a closure inside the stream's type would make the
+        // spawned sink task's future fail the compiler's higher-ranked
+        // lifetime check.
+        // Each future does nothing until polled.
+        let sends: Vec<_> = valid
+            .chunks(self.cfg.batch_size)
+            .map(|batch| self.encode_and_send(batch))
+            .collect();
+        let mut batches =
+            futures_util::stream::iter(sends).buffer_unordered(self.cfg.requests_in_flight);
+        while let Some(done) = batches.next().await {
+            let (written, refused, retries) = match done {
+                Ok(batch) => (batch.written, batch.refused, batch.retries),
+                Err(SinkError::GaveUp {
+                    retries,
+                    written,
+                    last,
+                }) => {
+                    return Err(SinkError::GaveUp {
+                        retries: report.retries + retries,
+                        written: report.written + written,
+                        last,
+                    });
+                }
+                Err(e) => return Err(e),
             };
-            self.send_batch(&batch, &body, &mut report).await?;
-            // Take the JSON buffer back for the next batch if no clone of
-            // the body is alive any more.
-            if !self.cfg.gzip
-                && let Ok(buf) = body.try_into_mut()
-            {
-                json = buf.into();
-            }
+            report.written += written;
+            report.refused.extend(refused);
+            report.retries += retries;
         }
         if !report.refused.is_empty() {
             warn!(
@@ -285,6 +307,21 @@ impl OpenTsdbSink {
                 "Points were refused; they are dropped."
             );
         }
+        Ok(report)
+    }
+
+    /// Encodes one batch and sends it, retrying; the report covers this
+    /// batch alone.
+    async fn encode_and_send(&self, batch: &[&Point]) -> Result<WriteReport, SinkError> {
+        let mut json = Vec::new();
+        encode_json_iter(batch.iter().copied(), &mut json);
+        let body = if self.cfg.gzip {
+            Bytes::from(gzip(&json))
+        } else {
+            Bytes::from(json)
+        };
+        let mut report = WriteReport::default();
+        self.send_batch(batch, &body, &mut report).await?;
         Ok(report)
     }
 
@@ -648,12 +685,19 @@ mod tests {
             assert_eq!(s.header("content-encoding"), Some("gzip"));
             assert_eq!(s.header("content-type"), Some("application/json"));
         }
-        let sent: Vec<Point> = seen.iter().flat_map(Seen::points).collect();
-        assert_eq!(sent, pts);
+        assert_eq!(in_time_order(&seen), pts);
+    }
+
+    /// What `seen` carried, by timestamp: batches in flight together may
+    /// arrive in either order.
+    fn in_time_order(seen: &[Seen]) -> Vec<Point> {
+        let mut sent: Vec<Point> = seen.iter().flat_map(Seen::points).collect();
+        sent.sort_by_key(|p| p.timestamp);
+        sent
     }
 
     #[tokio::test]
-    async fn without_gzip_sends_plain_json_and_reuses_the_buffer() {
+    async fn without_gzip_sends_plain_json() {
         let (url, seen) = fake_server(vec![]).await;
         let sink = OpenTsdbSink::new(OpenTsdbConfig {
             gzip: false,
@@ -665,8 +709,83 @@ mod tests {
         assert_eq!(sink.write(&pts).await.unwrap().written, 7);
         let seen = seen.lock().unwrap().clone();
         assert!(seen.iter().all(|s| s.header("content-encoding").is_none()));
-        let sent: Vec<Point> = seen.iter().flat_map(Seen::points).collect();
-        assert_eq!(sent, pts);
+        assert_eq!(in_time_order(&seen), pts);
+    }
+
+    /// A server that holds every request until `together` are open at
+    /// once (or a second passed), then answers 204; returns the most it
+    /// saw open.
+    async fn gate_server(together: usize) -> (String, Arc<Mutex<(usize, usize)>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let open = Arc::new(Mutex::new((0usize, 0usize)));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let state = open.clone();
+        tokio::spawn(async move {
+            loop {
+                let (conn, _) = listener.accept().await.unwrap();
+                let (open, gate) = (state.clone(), gate.clone());
+                tokio::spawn(async move {
+                    let (r, mut w) = conn.into_split();
+                    let mut r = BufReader::new(r);
+                    loop {
+                        let mut line = String::new();
+                        let mut len = 0;
+                        loop {
+                            line.clear();
+                            if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let l = line.trim_end().to_ascii_lowercase();
+                            if l.is_empty() {
+                                break;
+                            }
+                            if let Some(v) = l.strip_prefix("content-length:") {
+                                len = v.trim().parse().unwrap();
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        r.read_exact(&mut body).await.unwrap();
+                        let reached = {
+                            let mut o = open.lock().unwrap();
+                            o.0 += 1;
+                            o.1 = o.1.max(o.0);
+                            o.0 >= together
+                        };
+                        if reached {
+                            gate.notify_waiters();
+                        } else {
+                            // A safety net, not a measurement: a sink that
+                            // sends one request at a time is answered too.
+                            let _ =
+                                tokio::time::timeout(Duration::from_secs(1), gate.notified()).await;
+                        }
+                        open.lock().unwrap().0 -= 1;
+                        w.write_all(b"HTTP/1.1 204 X\r\nContent-Length: 0\r\n\r\n")
+                            .await
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        (url, open)
+    }
+
+    #[tokio::test]
+    async fn a_write_keeps_requests_in_flight_up_to_its_limit() {
+        for limit in [1, 2, 3] {
+            let (url, open) = gate_server(limit).await;
+            let sink = OpenTsdbSink::new(OpenTsdbConfig {
+                batch_size: 2,
+                requests_in_flight: limit,
+                ..fast_cfg(&url)
+            })
+            .unwrap();
+            // Six batches.
+            let report = sink.write(&points(12)).await.unwrap();
+            assert_eq!(report.written, 12);
+            assert_eq!(open.lock().unwrap().1, limit, "most requests open at once");
+        }
     }
 
     #[tokio::test]
