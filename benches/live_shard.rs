@@ -113,9 +113,9 @@ impl LiveShard {
         rx.blocking_recv().expect("the shard replies")
     }
 
-    /// A checkpoint's snapshot: the shard keeps the rows as its new base and
-    /// clears its replay log.
-    pub fn snapshot(&self) -> Vec<StateRow> {
+    /// A checkpoint's snapshot: the shard keeps the rows as its new base
+    /// (shared with the reply) and clears its replay log.
+    pub fn snapshot(&self) -> Arc<Vec<StateRow>> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Snapshot(tx));
         rx.blocking_recv().expect("the shard replies")

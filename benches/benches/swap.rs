@@ -12,6 +12,11 @@
 //!   shard swaps back to hashmap, untimed, so every timed swap starts from
 //!   hashmap with the same state.
 //!
+//! - `snapshot/hashmap/live/<n>`: what a checkpoint asks of each shard
+//!   (`Command::Snapshot`): export every open row, check it, and turn it
+//!   into a state row with its key; measured from sending the command to
+//!   holding the rows.
+//!
 //! Criterion reports means; the tail (p99) comes from the plain loop in
 //! `benches/bin/swap_pause.rs`.
 
@@ -61,12 +66,31 @@ fn bench_swap(
     group.finish();
 }
 
+fn bench_snapshot(c: &mut Criterion, rt: &Runtime, (name, module): (&str, &Arc<LoadedModule>)) {
+    let mut group = c.benchmark_group(format!("snapshot/{name}"));
+    for live in LIVE {
+        group.throughput(Throughput::Elements(live));
+        let shard = LiveShard::start(rt, module, module);
+        shard.fill(live, T0);
+        group.bench_function(BenchmarkId::new("live", live), |b| {
+            b.iter(|| {
+                let rows = shard.snapshot();
+                assert_eq!(rows.len() as u64, live);
+                rows
+            })
+        });
+        shard.stop();
+    }
+    group.finish();
+}
+
 fn swap(c: &mut Criterion) {
     let rt = Runtime::new(RuntimeLimits::default(), None).unwrap();
     let hashmap = rt.load(HASHMAP.bytes).unwrap();
     let btree = rt.load(BTREE.bytes).unwrap();
     bench_swap(c, &rt, ("hashmap", &hashmap), ("btree", &btree));
     bench_swap(c, &rt, ("hashmap", &hashmap), ("hashmap", &hashmap));
+    bench_snapshot(c, &rt, ("hashmap", &hashmap));
 }
 
 criterion_group! {

@@ -168,7 +168,7 @@ fn main() {
             checkpointed.since(empty),
         );
         row(
-            "snapshot sent to the checkpoint (a copy, dropped once written)",
+            "snapshot sent to the checkpoint (shared with the shard's base)",
             with_reply.since(checkpointed),
         );
         shard.stop();

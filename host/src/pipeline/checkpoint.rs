@@ -47,7 +47,7 @@ pub struct Checkpoint {
     /// Latest event time seen.
     pub max_event_time: u64,
     /// Open buckets of every shard.
-    pub rows: Vec<StateRow>,
+    pub rows: Rows,
     /// Flushed points the sink has not confirmed.
     pub pending: Pending,
     /// XXH3 hashes of counted messages whose acknowledgement the broker had
@@ -55,75 +55,91 @@ pub struct Checkpoint {
     pub recent_messages: Vec<u64>,
 }
 
-/// The flushed points of a checkpoint, as the outbox's jobs: taking a
-/// checkpoint shares them instead of copying hundreds of thousands of
-/// points (each with its own tag map). On disk it is one flat list of
-/// points, as in version 1 from the start.
-#[derive(Debug, Clone, Default)]
-pub struct Pending(Vec<Arc<Vec<Point>>>);
+/// Items of a checkpoint shared with whoever produced them, in chunks,
+/// instead of copied: the outbox's jobs (flushed points, each with its own
+/// tag map) and the shards' snapshots (open rows, each holding a key that a
+/// copy would touch again: a cache miss per row at hundreds of thousands of
+/// live series). On disk it is one flat list, as in version 1 from the
+/// start.
+#[derive(Debug, Clone)]
+pub struct Shared<T>(Vec<Arc<Vec<T>>>);
 
-impl Pending {
-    /// The points of `jobs`, in order.
-    pub fn from_jobs(jobs: Vec<Arc<Vec<Point>>>) -> Self {
-        Pending(jobs)
-    }
+/// Flushed points the sink has not confirmed.
+pub type Pending = Shared<Point>;
 
-    /// Number of points.
-    pub fn len(&self) -> usize {
-        self.0.iter().map(|j| j.len()).sum()
-    }
+/// Open buckets of every shard.
+pub type Rows = Shared<StateRow>;
 
-    /// Whether there is no point.
-    pub fn is_empty(&self) -> bool {
-        self.0.iter().all(|j| j.is_empty())
-    }
-
-    /// The points, in order.
-    pub fn iter(&self) -> impl Iterator<Item = &Point> {
-        self.0.iter().flat_map(|j| j.iter())
-    }
-
-    /// The points, in order, owned.
-    pub fn into_points(self) -> Vec<Point> {
-        let mut points = Vec::with_capacity(self.len());
-        for job in self.0 {
-            match Arc::try_unwrap(job) {
-                Ok(mut job) => points.append(&mut job),
-                Err(shared) => points.extend(shared.iter().cloned()),
-            }
-        }
-        points
+impl<T> Default for Shared<T> {
+    fn default() -> Self {
+        Shared(Vec::new())
     }
 }
 
-/// Equal when the points are, however they are split into jobs.
-impl PartialEq for Pending {
+impl<T> Shared<T> {
+    /// The items of `chunks`, in order.
+    pub fn from_chunks(chunks: Vec<Arc<Vec<T>>>) -> Self {
+        Shared(chunks)
+    }
+
+    /// Number of items.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|c| c.len()).sum()
+    }
+
+    /// Whether there is no item.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|c| c.is_empty())
+    }
+
+    /// The items, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().flat_map(|c| c.iter())
+    }
+}
+
+impl<T: Clone> Shared<T> {
+    /// The items, in order, owned (copied only from a chunk still shared).
+    pub fn into_vec(self) -> Vec<T> {
+        let mut items = Vec::with_capacity(self.len());
+        for chunk in self.0 {
+            match Arc::try_unwrap(chunk) {
+                Ok(mut chunk) => items.append(&mut chunk),
+                Err(shared) => items.extend(shared.iter().cloned()),
+            }
+        }
+        items
+    }
+}
+
+/// Equal when the items are, however they are split into chunks.
+impl<T: PartialEq> PartialEq for Shared<T> {
     fn eq(&self, other: &Self) -> bool {
         self.len() == other.len() && self.iter().eq(other.iter())
     }
 }
 
-impl From<Vec<Point>> for Pending {
-    fn from(points: Vec<Point>) -> Self {
-        Pending(vec![Arc::new(points)])
+impl<T> From<Vec<T>> for Shared<T> {
+    fn from(items: Vec<T>) -> Self {
+        Shared(vec![Arc::new(items)])
     }
 }
 
-impl Serialize for Pending {
+impl<T: Serialize> Serialize for Shared<T> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
         // The length up front: binary encodings need it.
         let mut seq = s.serialize_seq(Some(self.len()))?;
-        for p in self.iter() {
-            seq.serialize_element(p)?;
+        for item in self.iter() {
+            seq.serialize_element(item)?;
         }
         seq.end()
     }
 }
 
-impl<'de> Deserialize<'de> for Pending {
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shared<T> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Vec::<Point>::deserialize(d).map(Pending::from)
+        Vec::<T>::deserialize(d).map(Shared::from)
     }
 }
 
@@ -288,8 +304,9 @@ mod tests {
                 sum: -0.0,
                 min: f64::MIN_POSITIVE,
                 max: 1e300,
-            }],
-            pending: Pending::from_jobs(vec![
+            }]
+            .into(),
+            pending: Pending::from_chunks(vec![
                 Arc::new(vec![point(1), point(2)]),
                 Arc::new(vec![point(3)]),
             ]),
@@ -322,7 +339,7 @@ mod tests {
         });
         std::fs::write(dir.path().join("checkpoint.json"), json.to_string()).unwrap();
         let cp = store.load().unwrap().unwrap();
-        assert_eq!(cp.rows, vec![row]);
+        assert_eq!(cp.rows, vec![row].into());
         assert_eq!((cp.version, cp.recent_messages.clone()), (VERSION, vec![7]));
         store.save(&cp).unwrap();
         assert!(!dir.path().join("checkpoint.json").exists());
@@ -331,13 +348,14 @@ mod tests {
 
     #[test]
     fn pending_points_are_one_flat_list_on_disk() {
-        let pending = Pending::from_jobs(vec![Arc::new(vec![point(1)]), Arc::new(vec![point(2)])]);
+        let pending =
+            Pending::from_chunks(vec![Arc::new(vec![point(1)]), Arc::new(vec![point(2)])]);
         let json = serde_json::to_value(&pending).unwrap();
         assert_eq!(json.as_array().map(Vec::len), Some(2), "{json}");
         let back: Pending = serde_json::from_value(json).unwrap();
         assert_eq!(back, pending);
         assert_eq!(
-            back.into_points()
+            back.into_vec()
                 .iter()
                 .map(|p| p.timestamp)
                 .collect::<Vec<_>>(),

@@ -53,7 +53,7 @@ use crate::telemetry::{
     MessageReceived, Metrics, PointsRefused, PointsWritten, SamplesLate, SamplesRouted,
     SinkWriteFailed, SourceOperationFailed, WatermarkAdvanced,
 };
-use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Pending, VERSION};
+use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Pending, Rows, VERSION};
 
 /// `[pipeline]` in wagg.toml.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -435,8 +435,8 @@ pub async fn run<S: Source>(
     parts.sink.set_metrics(metrics.clone());
     let router = Router::new(parts.router.clone());
     let outbox = Outbox::new();
-    outbox.push(cp.pending.into_points());
-    let shards = start_shards(&parts, &router, &outbox, cp.rows)?;
+    outbox.push(cp.pending.into_vec());
+    let shards = start_shards(&parts, &router, &outbox, cp.rows.into_vec())?;
     let _ = counters
         .shards
         .set(shards.iter().map(|s| s.counters().clone()).collect());
@@ -922,16 +922,16 @@ impl<S: Source> Coordinator<S> {
                 .map_err(|_| PipelineError::ShardStopped)?;
             replies.push(rx);
         }
-        let mut rows = Vec::new();
+        let mut rows = Vec::with_capacity(replies.len());
         for rx in replies {
-            rows.extend(rx.await.map_err(|_| PipelineError::ShardStopped)?);
+            rows.push(rx.await.map_err(|_| PipelineError::ShardStopped)?);
         }
         let cp = Checkpoint {
             version: VERSION,
             flushed_watermark: self.flushed_watermark,
             max_event_time: self.max_event_time,
-            rows,
-            pending: Pending::from_jobs(self.outbox.pending()),
+            rows: Rows::from_chunks(rows),
+            pending: Pending::from_chunks(self.outbox.pending()),
             recent_messages: self.dedup.unconfirmed(),
         };
         let (rows, pending_points) = (cp.rows.len(), cp.pending.len());

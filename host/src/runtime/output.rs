@@ -21,7 +21,10 @@ pub struct OutputRules {
 }
 
 /// Checks `aggs` against `rules`; `known` says whether a series id is one the
-/// host handed to this module.
+/// host handed to this module. It is called once per row, in row order, up
+/// to the first bad row, so a caller can collect what it looked up for each
+/// row (the shard keeps each row's key: one dictionary lookup per row, not
+/// two).
 ///
 /// # Errors
 ///

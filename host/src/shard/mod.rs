@@ -13,6 +13,7 @@ pub mod dictionary;
 pub mod outbox;
 pub mod shadow;
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::thread::JoinHandle;
@@ -104,7 +105,7 @@ pub enum Command {
     /// Flush every bucket that ends at or before this watermark.
     Flush(u64),
     /// Reply with every open bucket (for a checkpoint).
-    Snapshot(oneshot::Sender<Vec<StateRow>>),
+    Snapshot(oneshot::Sender<Arc<Vec<StateRow>>>),
     /// Reply with the module's stats.
     Stats(oneshot::Sender<ShardStats>),
     /// Start (`Some`) or stop (`None`) a shadow module beside the incumbent.
@@ -313,7 +314,7 @@ impl ShardHandle {
             current: spec.assignment.clone(),
             dict: Dictionary::new(),
             batch: Batch::with_capacity(1024),
-            base: restore,
+            base: Arc::new(restore),
             log: Vec::new(),
             shadow: None,
             replaying: false,
@@ -383,8 +384,9 @@ struct Shard {
     current: Assignment,
     dict: Dictionary,
     batch: Batch,
-    /// Open buckets at the last snapshot.
-    base: Vec<StateRow>,
+    /// Open buckets at the last snapshot, shared with the checkpoint that
+    /// took it.
+    base: Arc<Vec<StateRow>>,
     /// Everything done since `base`.
     log: Vec<Logged>,
     /// A candidate fed the same batches, compared at every flush.
@@ -512,9 +514,9 @@ impl Shard {
                 self.log.push(Logged::Flush(watermark));
             }
             (Command::Snapshot(reply), Outcome::Rows(rows)) => {
-                self.base = rows.clone();
+                self.base = Arc::new(rows);
                 self.log.clear();
-                let _ = reply.send(rows);
+                let _ = reply.send(self.base.clone());
             }
             (Command::Stats(reply), Outcome::Stats(module_stats)) => {
                 let _ = reply.send(ShardStats {
@@ -611,10 +613,11 @@ impl Shard {
             .instance
             .as_mut()
             .ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
-        let aggs = instance.flush(watermark, &|id| dict.contains(id))?;
+        let keys = RefCell::new(Vec::new());
+        let aggs = instance.flush(watermark, &|id| known_key(dict, id, &keys))?;
         let flush_duration = started.elapsed();
         let stats = instance.stats()?;
-        let points = self.points(&aggs)?;
+        let points = points(&self.spec.router, &row_keys(keys, &aggs, "flush")?, &aggs)?;
         if !self.replaying {
             self.shadow_flush(watermark, &aggs, flush_duration, stats);
         }
@@ -713,47 +716,19 @@ impl Shard {
         self.dict.forget_before(horizon - horizon % width);
     }
 
-    fn points(&self, aggs: &Aggregates) -> Result<Vec<Point>, InstanceError> {
-        let router = &self.spec.router;
-        let mut points = Vec::with_capacity(aggs.len());
-        for i in 0..aggs.len() {
-            // `flush` checked every id against the dictionary, so a key is
-            // always found; a key that does not parse would be a host bug
-            // (or a corrupted checkpoint) and is reported as bad output.
-            let tags = self
-                .dict
-                .key(aggs.series[i])
-                .and_then(|k| SeriesKey::parse(k))
-                .and_then(|k| k.tags(router))
-                .ok_or_else(|| InstanceError::BadOutput {
-                    call: "flush",
-                    reason: format!("series {} has no valid key", aggs.series[i]),
-                })?;
-            points.push(Point {
-                metric: router.metric.clone(),
-                timestamp: aggs.bucket_start[i],
-                value: aggs.sum[i],
-                tags,
-            });
-        }
-        Ok(points)
-    }
-
     fn export(&mut self) -> Result<Vec<StateRow>, InstanceError> {
         let dict = &self.dict;
         let instance = self
             .instance
             .as_mut()
             .ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
-        let aggs = instance.export_state(&|id| dict.contains(id))?;
+        let keys = RefCell::new(Vec::new());
+        let aggs = instance.export_state(&|id| known_key(dict, id, &keys))?;
+        let keys = row_keys(keys, &aggs, "export-state")?;
         let mut rows = Vec::with_capacity(aggs.len());
-        for i in 0..aggs.len() {
-            let key = dict
-                .key(aggs.series[i])
-                .cloned()
-                .unwrap_or_else(|| Arc::from(&[][..]));
+        for (i, key) in keys.into_iter().enumerate() {
             rows.push(StateRow {
-                key,
+                key: key.clone(),
                 bucket: aggs.bucket_start[i],
                 count: aggs.count[i],
                 sum: aggs.sum[i],
@@ -873,7 +848,7 @@ impl Shard {
         )?;
         if !self.base.is_empty() {
             let mut aggs = Aggregates::empty();
-            for row in &self.base {
+            for row in self.base.iter() {
                 aggs.series.push(self.dict.intern(&row.key, row.bucket));
                 aggs.bucket_start.push(row.bucket);
                 aggs.count.push(row.count);
@@ -894,4 +869,62 @@ impl Shard {
         self.log = log;
         replayed
     }
+}
+
+/// The output check's `known` for the shard: whether `id` is live, noting
+/// its key for the row being checked. The check calls it once per row in
+/// row order, so `keys[i]` is row `i`'s key: one dictionary lookup per row
+/// (a cache miss each, at hundreds of thousands of live series) instead of
+/// one to check and one to use.
+fn known_key<'d>(dict: &'d Dictionary, id: u64, keys: &RefCell<Vec<&'d Arc<[u8]>>>) -> bool {
+    match dict.key(id) {
+        Some(key) => {
+            keys.borrow_mut().push(key);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The keys [`known_key`] collected, one per row of `aggs`.
+fn row_keys<'d>(
+    keys: RefCell<Vec<&'d Arc<[u8]>>>,
+    aggs: &Aggregates,
+    call: &'static str,
+) -> Result<Vec<&'d Arc<[u8]>>, InstanceError> {
+    let keys = keys.into_inner();
+    if keys.len() != aggs.len() {
+        // The check calls `known` once per row; anything else is a host bug.
+        return Err(InstanceError::BadOutput {
+            call,
+            reason: format!("{} keys for {} rows", keys.len(), aggs.len()),
+        });
+    }
+    Ok(keys)
+}
+
+/// The points of flushed rows, `keys[i]` being row `i`'s key.
+fn points(
+    router: &RouterConfig,
+    keys: &[&Arc<[u8]>],
+    aggs: &Aggregates,
+) -> Result<Vec<Point>, InstanceError> {
+    let mut points = Vec::with_capacity(aggs.len());
+    for (i, key) in keys.iter().enumerate() {
+        // A key that does not parse would be a host bug (or a corrupted
+        // checkpoint) and is reported as bad output.
+        let tags = SeriesKey::parse(key)
+            .and_then(|k| k.tags(router))
+            .ok_or_else(|| InstanceError::BadOutput {
+                call: "flush",
+                reason: format!("series {} has no valid key", aggs.series[i]),
+            })?;
+        points.push(Point {
+            metric: router.metric.clone(),
+            timestamp: aggs.bucket_start[i],
+            value: aggs.sum[i],
+            tags,
+        });
+    }
+    Ok(points)
 }
