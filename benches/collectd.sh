@@ -59,6 +59,7 @@ messages=${1:-10000}
 out=${2:-$(mktemp -d /tmp/wagg-collectd.XXXXXX)}
 mkdir -p "$out"
 here=$(cd "$(dirname "$0")/.." && pwd)
+. "$here/benches/drain.sh"
 wagg=${WAGG:-$here/target/release/wagg}
 ceiling=${CEILING:-$here/target/release/broker-ceiling}
 for b in "$wagg" "$ceiling"; do
@@ -120,14 +121,6 @@ trap 'exit 130' INT TERM
 pids+=($!)
 until curl -sf "http://$vm_http/health" >/dev/null; do sleep 0.2; done
 
-depth() { # queue: ready + unacked messages
-    rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$1" '$1 == q { print $2 }'
-}
-
-metric() { # name: sum of its samples in $scrape
-    awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $NF } END { printf "%.0f", s }' <<< "$scrape"
-}
-
 telnet_rows() { # samples VictoriaMetrics took over the telnet protocol (collectd's)
     curl -s "http://$vm_http/metrics" | awk '$1 == "vm_rows_inserted_total{type=\"opentsdb\"}" { print $2 }'
 }
@@ -135,10 +128,6 @@ telnet_rows() { # samples VictoriaMetrics took over the telnet protocol (collect
 tsdb_bytes_sent() { # bytes collectd's write_tsdb sent on its open connections
     ss -tinH state established "( dport = :$vm_telnet_port )" \
         | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^bytes_sent:/) s += substr($i, 12) } END { print s + 0 }'
-}
-
-peak_rss_mib() { # pid: the process's peak resident set (VmHWM), MiB
-    awk '$1 == "VmHWM:" { printf "%.0f", $2 / 1024 }' "/proc/$1/status"
 }
 
 loadgen() { # dir format [flags...]: publish the backlog, totals to $dir/totals.json
@@ -189,36 +178,14 @@ EOF
     local pid=$!
     pids+=($pid)
     until curl -sf "http://$admin/readyz" >/dev/null; do sleep 0.05; done
-    local first= last=
-    while :; do
-        scrape=$(curl -s "http://$admin/metrics")
-        if [ -z "$first" ] && [ "$(metric wagg_messages_received_total)" -gt 0 ]; then
-            first=$(date +%s.%N)
-        fi
-        if [ "$(metric wagg_messages_received_total)" -ge "$messages" ] && [ "$(depth "$name.q")" = 0 ]; then
-            last=$(date +%s.%N)
-            break
-        fi
-        sleep 0.1
-    done
+    wagg_drain "$admin" "$name.q" "$messages"
+    local first=$drain_first last=$drain_last
     # Let the idle flush write the last buckets, noting when the last point
     # went out: the rate above ends when every message is acknowledged
     # (checkpointed), as e2e.sh's; the buckets still open then are written
     # after idle_flush_secs.
-    local flushed written prev_written written_at=$last
-    prev_written=$(metric wagg_points_written_total)
-    for _ in $(seq 100); do
-        scrape=$(curl -s "http://$admin/metrics")
-        flushed=$(metric wagg_points_written_total)
-        [ "$flushed" != "$prev_written" ] && { written_at=$(date +%s.%N); prev_written=$flushed; }
-        sleep 0.5
-        scrape=$(curl -s "http://$admin/metrics")
-        written=$(metric wagg_points_written_total)
-        [ "$written" != "$prev_written" ] && { written_at=$(date +%s.%N); prev_written=$written; }
-        [ "$(metric wagg_sink_pending_points)" = 0 ] && [ "$written" = "$flushed" ] \
-            && [ "$flushed" -gt 0 ] && [ "$(metric wagg_module_live_series)" = 0 ] && break
-        sleep 0.5
-    done
+    wagg_settle "$admin"
+    local written_at=$settled_at
     wagg_rss=$(peak_rss_mib "$pid")
     kill -TERM "$pid"; wait "$pid" || true
     curl -s "http://$vm_http/internal/force_flush" >/dev/null

@@ -31,6 +31,7 @@ messages=${1:-30000}
 out=${2:-$(mktemp -d /tmp/wagg-e2e.XXXXXX)}
 mkdir -p "$out"
 here=$(cd "$(dirname "$0")/.." && pwd)
+. "$here/benches/drain.sh"
 wagg=${WAGG:-$here/target/release/wagg}
 # The loadgen may come from another build than the `wagg run` measured
 # (to compare an older wagg on the same workload).
@@ -110,14 +111,6 @@ backlog() { # phase: declare the topology and publish the backlog
         --totals-json "$dir/totals.json" --log warn > "$dir/loadgen.txt" 2>&1
 }
 
-depth() { # queue: ready + unacked messages
-    rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$1" '$1 == q { print $2 }'
-}
-
-metric() { # name: sum of its samples in $scrape
-    awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $NF } END { printf "%.0f", s }' <<< "$scrape"
-}
-
 p99() { # histogram name: the upper bound of the bucket holding the 99th percentile
     python3 -c '
 import re, sys
@@ -151,31 +144,10 @@ phase_wagg() { # phase shards shadow(yes/no)
     if [ "$shadow" = yes ]; then
         "$wagg" shadow btree@builtin --admin "http://$admin" --token e2e > "$dir/shadow.txt" 2>&1
     fi
-    local first= last= rss=0 r
-    while :; do
-        scrape=$(curl -s "http://$admin/metrics")
-        r=$(ps -o rss= -p "$pid" | tr -d ' ')
-        [ "${r:-0}" -gt "$rss" ] && rss=$r
-        if [ -z "$first" ] && [ "$(metric wagg_messages_received_total)" -gt 0 ]; then
-            first=$(date +%s.%N)
-        fi
-        if [ "$(metric wagg_messages_received_total)" -ge "$messages" ] && [ "$(depth "$q")" = 0 ]; then
-            last=$(date +%s.%N)
-            break
-        fi
-        sleep 0.1
-    done
+    wagg_drain "$admin" "$q" "$messages"
+    local first=$drain_first last=$drain_last
     # Let the idle flush write the last buckets, then read everything back.
-    local flushed
-    for _ in $(seq 100); do
-        scrape=$(curl -s "http://$admin/metrics")
-        flushed=$(metric wagg_points_written_total)
-        sleep 0.5
-        scrape=$(curl -s "http://$admin/metrics")
-        [ "$(metric wagg_sink_pending_points)" = 0 ] && [ "$(metric wagg_points_written_total)" = "$flushed" ] \
-            && [ "$flushed" -gt 0 ] && [ "$(metric wagg_module_live_series)" = 0 ] && break
-        sleep 0.5
-    done
+    wagg_settle "$admin"
     local flush_p99 write_p99 checkpoint_p99
     flush_p99=$(p99 wagg_shard_flush_duration_seconds)
     write_p99=$(p99 wagg_sink_write_duration_seconds)
@@ -183,6 +155,8 @@ phase_wagg() { # phase shards shadow(yes/no)
     if [ "$shadow" = yes ]; then
         "$wagg" ab --admin "http://$admin" > "$dir/ab.txt" 2>&1 || true
     fi
+    local rss
+    rss=$(peak_rss_mib "$pid")
     kill -TERM "$pid"; wait "$pid" || true
     curl -s "http://$vm_http/internal/force_flush" >/dev/null
     curl -s "http://$vm_http/api/v1/export" -d "match[]={__name__=\"e2e.$phase\"}" > "$dir/export.jsonl"
@@ -193,7 +167,7 @@ phase_wagg() { # phase shards shadow(yes/no)
     rate=$(echo "$messages / $secs" | bc -l)
     printf '%-9s %8.0f msg/s %10.0f metrics/s %6.1f %% of ceiling  p99 (s): flush <= %s, sink write <= %s, checkpoint <= %s  peak RSS %.0f MiB  %s\n' \
         "$phase" "$rate" "$(echo "$rate * 100" | bc -l)" "$(echo "100 * $rate / $ceiling_rate" | bc -l)" \
-        "$flush_p99" "$write_p99" "$checkpoint_p99" "$(echo "$rss / 1024" | bc -l)" "$exact" | tee -a "$out/results.txt"
+        "$flush_p99" "$write_p99" "$checkpoint_p99" "$rss" "$exact" | tee -a "$out/results.txt"
 }
 
 echo "e2e: $messages messages of 100 metrics per phase; output in $out"

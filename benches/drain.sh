@@ -1,0 +1,61 @@
+# Sourced by e2e.sh and collectd.sh (not run on its own): reading a running
+# `wagg run` through its admin API while it drains a backlog.
+
+scrape=
+
+depth() { # queue: ready + unacked messages
+    rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$1" '$1 == q { print $2 }'
+}
+
+metric() { # name: sum of its samples in $scrape
+    awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $NF } END { printf "%.0f", s }' <<< "$scrape"
+}
+
+peak_rss_mib() { # pid: the process's peak resident set (VmHWM), MiB
+    awk '$1 == "VmHWM:" { printf "%.0f", $2 / 1024 }' "/proc/$1/status"
+}
+
+# wagg_drain admin queue messages: waits until wagg has taken `messages` and
+# `queue` holds none, ready or unacked (every message checkpointed and
+# acknowledged). Sets drain_first (the first message taken) and drain_last,
+# in seconds since the epoch.
+drain_first= drain_last=
+wagg_drain() {
+    local admin=$1 queue=$2 messages=$3
+    drain_first= drain_last=
+    while :; do
+        scrape=$(curl -s "http://$admin/metrics")
+        if [ -z "$drain_first" ] && [ "$(metric wagg_messages_received_total)" -gt 0 ]; then
+            drain_first=$(date +%s.%N)
+        fi
+        if [ "$(metric wagg_messages_received_total)" -ge "$messages" ] && [ "$(depth "$queue")" = 0 ]; then
+            drain_last=$(date +%s.%N)
+            break
+        fi
+        sleep 0.1
+    done
+}
+
+# wagg_settle admin: after wagg_drain, waits until the idle flush has written
+# the buckets still open (nothing pending, nothing live, the written count
+# steady), for at most 100 s. Sets settled_at: when the last point was
+# written (drain_last if none was after it). Leaves the last /metrics in
+# $scrape.
+settled_at=
+wagg_settle() {
+    local admin=$1 flushed written prev
+    settled_at=$drain_last
+    prev=$(metric wagg_points_written_total)
+    for _ in $(seq 100); do
+        scrape=$(curl -s "http://$admin/metrics")
+        flushed=$(metric wagg_points_written_total)
+        [ "$flushed" != "$prev" ] && { settled_at=$(date +%s.%N); prev=$flushed; }
+        sleep 0.5
+        scrape=$(curl -s "http://$admin/metrics")
+        written=$(metric wagg_points_written_total)
+        [ "$written" != "$prev" ] && { settled_at=$(date +%s.%N); prev=$written; }
+        [ "$(metric wagg_sink_pending_points)" = 0 ] && [ "$written" = "$flushed" ] \
+            && [ "$flushed" -gt 0 ] && [ "$(metric wagg_module_live_series)" = 0 ] && break
+        sleep 0.5
+    done
+}
