@@ -132,6 +132,27 @@ mod tests {
     }
 
     #[test]
+    fn known_is_asked_once_per_row_in_row_order() {
+        // The shard relies on it to collect each row's key as it is checked.
+        let mut aggs = one_row(7, 0);
+        for (series, bucket) in [(3, 60), (7, 60), (5, 0)] {
+            aggs.series.push(series);
+            aggs.bucket_start.push(bucket);
+            aggs.count.push(1);
+            aggs.sum.push(1.0);
+            aggs.min.push(1.0);
+            aggs.max.push(1.0);
+        }
+        let asked = std::cell::RefCell::new(Vec::new());
+        let known = |id| {
+            asked.borrow_mut().push(id);
+            true
+        };
+        assert_eq!(check("flush", &aggs, &RULES, &known), Ok(()));
+        assert_eq!(asked.into_inner(), aggs.series);
+    }
+
+    #[test]
     fn refuses_each_kind_of_bad_output() {
         type Case<'a> = (Aggregates, &'a dyn Fn(u64) -> bool, &'a str);
         let cases: Vec<Case> = vec![
