@@ -28,6 +28,19 @@ struct Inner {
     flushes_in_flight: usize,
 }
 
+impl Inner {
+    /// Adds a job of `points`; an empty list is ignored.
+    fn add(&mut self, points: Vec<Point>) {
+        if points.is_empty() {
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.points += points.len();
+        self.jobs.insert(seq, Arc::new(points));
+    }
+}
+
 impl Outbox {
     /// An empty outbox.
     pub fn new() -> Arc<Self> {
@@ -45,33 +58,29 @@ impl Outbox {
         if points.is_empty() {
             return;
         }
-        {
-            let mut inner = self.lock();
-            let seq = inner.next_seq;
-            inner.next_seq += 1;
-            inner.points += points.len();
-            inner.jobs.insert(seq, Arc::new(points));
-        }
+        self.lock().add(points);
         self.notify.notify_one();
     }
 
-    /// Counts a flush about to be sent to a shard (before, as the shard may
-    /// run it at once), whose points have not arrived yet.
-    /// Its size is unknown until the shard has run it, so the pipeline sends
-    /// no further flush meanwhile: otherwise flushes queued behind a shard's
-    /// backlog could each close more buckets and land together, far past
-    /// `max_pending_points`.
+    /// Counts a flush about to be sent to a shard (counted before it is
+    /// sent, as the shard may run it at once). Its size is unknown until the
+    /// shard has run it, so the pipeline sends no further flush meanwhile:
+    /// otherwise flushes queued behind a shard's backlog could each close
+    /// more buckets and land together, far past `max_pending_points`.
     pub fn flush_sent(&self) {
         self.lock().flushes_in_flight += 1;
     }
 
-    /// Adds the points of a flush announced by [`Outbox::flush_sent`].
+    /// Adds the points of a flush announced by [`Outbox::flush_sent`]. The
+    /// flush stops counting as in flight in the same step as its points
+    /// start counting as pending, so no reader sees neither.
     pub fn flushed(&self, points: Vec<Point>) {
         {
             let mut inner = self.lock();
             inner.flushes_in_flight = inner.flushes_in_flight.saturating_sub(1);
+            inner.add(points);
         }
-        self.push(points);
+        self.notify.notify_one();
     }
 
     /// Number of flushes sent to shards whose points have not arrived.
@@ -115,5 +124,43 @@ impl Outbox {
     /// Wakes a waiting sink task (for shutdown).
     pub fn wake(&self) {
         self.notify.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::tests::point;
+
+    #[test]
+    fn a_flush_is_in_flight_until_its_points_arrive_even_none() {
+        let outbox = Outbox::new();
+        outbox.flush_sent();
+        outbox.flush_sent();
+        assert_eq!(
+            (outbox.flushes_in_flight(), outbox.pending_points()),
+            (2, 0)
+        );
+        // A flush that closed nothing still lands.
+        outbox.flushed(Vec::new());
+        assert_eq!(
+            (outbox.flushes_in_flight(), outbox.pending_points()),
+            (1, 0)
+        );
+        outbox.flushed(vec![point("m", 60, 1.0, &[]), point("m", 120, 2.0, &[])]);
+        assert_eq!(
+            (outbox.flushes_in_flight(), outbox.pending_points()),
+            (0, 2)
+        );
+        // Restored points are not a flush.
+        outbox.push(vec![point("m", 180, 3.0, &[])]);
+        assert_eq!(
+            (outbox.flushes_in_flight(), outbox.pending_points()),
+            (0, 3)
+        );
+        let jobs = outbox.jobs_from(0);
+        assert_eq!(jobs.len(), 2);
+        outbox.confirm(jobs[0].0);
+        assert_eq!(outbox.pending_points(), 1);
     }
 }

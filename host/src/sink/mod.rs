@@ -247,7 +247,7 @@ fn encode_point(p: &Point, out: &mut Vec<u8>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn point(metric: &str, timestamp: u64, value: f64, tags: &[(&str, &str)]) -> Point {
