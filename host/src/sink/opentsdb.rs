@@ -77,9 +77,9 @@ pub struct OpenTsdbConfig {
     #[serde(default = "default_retry_max_ms")]
     pub retry_max_ms: u64,
     /// Requests of one write in flight at once. A flush of many buckets is
-    /// many batches; with more than one in flight the next batch is
-    /// encoded and the server parses one while it stores another, instead
-    /// of each waiting for the other. Default 2.
+    /// many batches; with more than one in flight, a request's round trip
+    /// to a remote server need not leave both sides idle. Default 2 (no
+    /// gain measured with the server on the same 2 cores: BENCHMARKS.md).
     #[serde(default = "default_requests_in_flight")]
     pub requests_in_flight: usize,
 }
@@ -269,11 +269,10 @@ impl OpenTsdbSink {
         }
         // Batches complete in any order: each point is written once per
         // write whatever the order, and a rewrite after a failed write
-        // stores the same values again.
-        // Collected first: a closure inside the stream's type would make the
-        // spawned sink task's future fail the compiler's higher-ranked
-        // lifetime check.
-        // Each future does nothing until polled.
+        // stores the same values again. The futures are collected first
+        // (each does nothing until polled): a closure inside the stream's
+        // type would make the spawned sink task's future fail the compiler's
+        // higher-ranked lifetime check.
         let sends: Vec<_> = valid
             .chunks(self.cfg.batch_size)
             .map(|batch| self.encode_and_send(batch))
