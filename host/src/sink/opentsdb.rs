@@ -580,6 +580,46 @@ mod tests {
         }
     }
 
+    /// The next request on a connection, or `None` once it is closed.
+    async fn read_request(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Option<Seen> {
+        let mut line = String::new();
+        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        let target = line.split(' ').nth(1).unwrap_or("").to_owned();
+        let mut headers = Vec::new();
+        loop {
+            line.clear();
+            r.read_line(&mut line).await.unwrap();
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            let (k, v) = l.split_once(':').unwrap();
+            headers.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .map(|(_, v)| v.parse().unwrap())
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).await.unwrap();
+        let mut seen = Seen {
+            target,
+            headers,
+            body,
+        };
+        if seen.header("content-encoding") == Some("gzip") {
+            let mut plain = Vec::new();
+            flate2::read::GzDecoder::new(&seen.body[..])
+                .read_to_end(&mut plain)
+                .unwrap();
+            seen.body = plain;
+        }
+        Some(seen)
+    }
+
     /// A fake OpenTSDB: answers requests with `answers` in order, then 204.
     async fn fake_server(answers: Vec<(u16, &'static str)>) -> (String, Arc<Mutex<Vec<Seen>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -594,42 +634,7 @@ mod tests {
                 tokio::spawn(async move {
                     let (r, mut w) = conn.into_split();
                     let mut r = BufReader::new(r);
-                    loop {
-                        let mut line = String::new();
-                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let target = line.split(' ').nth(1).unwrap_or("").to_owned();
-                        let mut headers = Vec::new();
-                        loop {
-                            line.clear();
-                            r.read_line(&mut line).await.unwrap();
-                            let l = line.trim_end();
-                            if l.is_empty() {
-                                break;
-                            }
-                            let (k, v) = l.split_once(':').unwrap();
-                            headers.push((k.trim().to_owned(), v.trim().to_owned()));
-                        }
-                        let len: usize = headers
-                            .iter()
-                            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                            .map(|(_, v)| v.parse().unwrap())
-                            .unwrap_or(0);
-                        let mut body = vec![0; len];
-                        r.read_exact(&mut body).await.unwrap();
-                        let mut seen = Seen {
-                            target,
-                            headers,
-                            body,
-                        };
-                        if seen.header("content-encoding") == Some("gzip") {
-                            let mut plain = Vec::new();
-                            flate2::read::GzDecoder::new(&seen.body[..])
-                                .read_to_end(&mut plain)
-                                .unwrap();
-                            seen.body = plain;
-                        }
+                    while let Some(seen) = read_request(&mut r).await {
                         log.lock().unwrap().push(seen);
                         let (status, answer) = answers.lock().unwrap().next().unwrap_or((204, ""));
                         let resp = format!(
@@ -727,24 +732,7 @@ mod tests {
                 tokio::spawn(async move {
                     let (r, mut w) = conn.into_split();
                     let mut r = BufReader::new(r);
-                    loop {
-                        let mut line = String::new();
-                        let mut len = 0;
-                        loop {
-                            line.clear();
-                            if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                                return;
-                            }
-                            let l = line.trim_end().to_ascii_lowercase();
-                            if l.is_empty() {
-                                break;
-                            }
-                            if let Some(v) = l.strip_prefix("content-length:") {
-                                len = v.trim().parse().unwrap();
-                            }
-                        }
-                        let mut body = vec![0; len];
-                        r.read_exact(&mut body).await.unwrap();
+                    while read_request(&mut r).await.is_some() {
                         let reached = {
                             let mut o = open.lock().unwrap();
                             o.0 += 1;
