@@ -10,6 +10,7 @@ use wagg::runtime::{InstanceError, LoadedModule, Runtime};
 use wagg::shard::{
     Assignment, Command, Outbox, ShardHandle, ShardSpec, ShardStats, StateRow, SwapReport,
 };
+use wagg::sink::Point;
 use wagg::telemetry::Metrics;
 
 /// Bucket width every live shard runs with, seconds.
@@ -43,6 +44,7 @@ pub struct LiveShard {
     /// Only to await `ShardHandle::send` (a bounded channel) from here.
     tokio: tokio::runtime::Runtime,
     fallback: Assignment,
+    outbox: Arc<Outbox>,
 }
 
 impl LiveShard {
@@ -71,7 +73,8 @@ impl LiveShard {
             events,
             metrics: Metrics::new(),
         };
-        let handle = ShardHandle::start(spec, runtime.clone(), Outbox::new(), Vec::new())
+        let outbox = Outbox::new();
+        let handle = ShardHandle::start(spec, runtime.clone(), outbox.clone(), Vec::new())
             .expect("the shard starts");
         let tokio = tokio::runtime::Builder::new_current_thread()
             .build()
@@ -80,6 +83,7 @@ impl LiveShard {
             handle: Some(handle),
             tokio,
             fallback,
+            outbox,
         }
     }
 
@@ -119,6 +123,21 @@ impl LiveShard {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Snapshot(tx));
         rx.blocking_recv().expect("the shard replies")
+    }
+
+    /// Flushes every bucket that ends at or before `watermark`
+    /// (`Command::Flush`, announced to the outbox as the pipeline does),
+    /// waits until the shard has run it, and takes the points out of the
+    /// outbox as a confirmed sink write would.
+    pub fn flush(&self, watermark: u64) -> Vec<Arc<Vec<Point>>> {
+        self.outbox.flush_sent();
+        self.send(Command::Flush(watermark));
+        self.stats();
+        let jobs = self.outbox.jobs_from(0);
+        for (seq, _) in &jobs {
+            self.outbox.confirm(*seq);
+        }
+        jobs.into_iter().map(|(_, points)| points).collect()
     }
 
     /// Hot-swaps to `to` (the shard's `Command::Swap`), keeping the fallback.

@@ -8,7 +8,6 @@
 //! 1000 customers, Zipf 1.1, 25 POPs) and the default router (2 shards,
 //! three rollups: every metric becomes three samples).
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +15,7 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use wagg::router::{KeyBatch, Router, RouterConfig};
 use wagg::shard::Dictionary;
-use wagg::sink::{Point, encode_json};
+use wagg::sink::{KeyLayout, Point, encode_json};
 use wagg::source::generator::{Generator, GeneratorConfig};
 use wagg::source::json::{Decoder, JsonDecoder};
 
@@ -114,17 +113,31 @@ fn route(c: &mut Criterion) {
 }
 
 fn encode(c: &mut Criterion) {
+    // Tags as a shard makes them: read from the series key when encoded.
+    let layout = Arc::new(
+        KeyLayout::new(
+            ["customer", "zone", "pop"],
+            [("rollup".to_string(), "zone".to_string())],
+        )
+        .expect("a valid layout"),
+    );
+    let metric: Arc<str> = "dns.queries".into();
     let points: Vec<Point> = (0..POINTS as u64)
-        .map(|i| Point {
-            metric: "dns.queries".into(),
-            timestamp: 1_764_133_200 + 60 * (i % 5),
-            value: (i * 37 % 1000) as f64 + 0.5,
-            tags: BTreeMap::from([
-                ("rollup".into(), "zone".into()),
-                ("customer".into(), (i % 1000).to_string()),
-                ("zone".into(), format!("zone-{}.example.com", i % 4)),
-                ("pop".into(), format!("pop{:02}", i % 25)),
-            ]),
+        .map(|i| {
+            let key: Arc<[u8]> = format!(
+                "\x01{}\0zone-{}.example.com\0pop{:02}\0",
+                i % 1000,
+                i % 4,
+                i % 25
+            )
+            .into_bytes()
+            .into();
+            Point {
+                metric: metric.clone(),
+                timestamp: 1_764_133_200 + 60 * (i % 5),
+                value: (i * 37 % 1000) as f64 + 0.5,
+                tags: layout.tags(&key).expect("the key fits the layout"),
+            }
         })
         .collect();
     let mut out = Vec::with_capacity(256 * POINTS);

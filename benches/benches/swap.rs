@@ -17,16 +17,22 @@
 //!   into a state row with its key; measured from sending the command to
 //!   holding the rows.
 //!
+//! - `flush/hashmap/live/<n>`: a shard holding `n` open rows, all in one
+//!   bucket, flushes them (`Command::Flush`): the module's flush, the
+//!   output check, and one point per row handed to the outbox; measured
+//!   from sending the command to the points being in the outbox. The rows
+//!   are put back, untimed, between two flushes.
+//!
 //! Criterion reports means; the tail (p99) comes from the plain loop in
 //! `benches/bin/swap_pause.rs`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use wagg::runtime::{LoadedModule, Runtime, RuntimeLimits};
 use wagg_artifacts::{BTREE, HASHMAP};
-use wagg_benches::live_shard::{LiveShard, T0};
+use wagg_benches::live_shard::{BUCKET_SECONDS, LiveShard, T0};
 
 /// Live series (= open rows) every swap runs at.
 const LIVE: [u64; 3] = [1_000, 10_000, 100_000];
@@ -84,6 +90,35 @@ fn bench_snapshot(c: &mut Criterion, rt: &Runtime, (name, module): (&str, &Arc<L
     group.finish();
 }
 
+fn bench_flush(c: &mut Criterion, rt: &Runtime, (name, module): (&str, &Arc<LoadedModule>)) {
+    let mut group = c.benchmark_group(format!("flush/{name}"));
+    for live in LIVE {
+        group.throughput(Throughput::Elements(live));
+        let shard = LiveShard::start(rt, module, module);
+        // Each flush closes the next bucket, so watermarks only advance.
+        let mut bucket = T0;
+        group.bench_function(BenchmarkId::new("live", live), |b| {
+            b.iter_custom(|iters| {
+                let mut took = Duration::ZERO;
+                for _ in 0..iters {
+                    shard.fill(live, bucket);
+                    bucket += u64::from(BUCKET_SECONDS);
+                    let started = Instant::now();
+                    let points = shard.flush(bucket);
+                    took += started.elapsed();
+                    let flushed: usize = points.iter().map(|p| p.len()).sum();
+                    assert_eq!(flushed as u64, live);
+                    // Clears the replay log, as the pipeline's checkpoints do.
+                    shard.snapshot();
+                }
+                took
+            })
+        });
+        shard.stop();
+    }
+    group.finish();
+}
+
 fn swap(c: &mut Criterion) {
     let rt = Runtime::new(RuntimeLimits::default(), None).unwrap();
     let hashmap = rt.load(HASHMAP.bytes).unwrap();
@@ -91,6 +126,7 @@ fn swap(c: &mut Criterion) {
     bench_swap(c, &rt, ("hashmap", &hashmap), ("btree", &btree));
     bench_swap(c, &rt, ("hashmap", &hashmap), ("hashmap", &hashmap));
     bench_snapshot(c, &rt, ("hashmap", &hashmap));
+    bench_flush(c, &rt, ("hashmap", &hashmap));
 }
 
 criterion_group! {

@@ -10,7 +10,9 @@
 //! snapshot. Heap bytes are read at three points: the empty shard, after
 //! the samples (the replay log still holds them), after the snapshot (the
 //! log cleared, the rows kept as the rebuild base: the steady state between
-//! two checkpoints, less the samples since). The same dictionary and rows
+//! two checkpoints, less the samples since). Then every row is flushed, and
+//! the points (one per series) are weighed while the outbox holds them, as
+//! it does until the sink confirms them. The same dictionary and rows
 //! are then built alone to say where the bytes go.
 //!
 //! Bytes are counted twice: as requested (`Layout::size`) and as glibc holds
@@ -170,6 +172,21 @@ fn main() {
         row(
             "snapshot sent to the checkpoint (shared with the shard's base)",
             with_reply.since(checkpointed),
+        );
+        // Every row flushed: one point per series, held in the outbox (and
+        // every checkpoint) until the sink confirms it.
+        let points = shard.flush(T0 + u64::from(BUCKET_SECONDS));
+        let flushed = Heap::now();
+        assert_eq!(points.iter().map(|p| p.len()).sum::<usize>() as u64, n);
+        drop(points);
+        let after_flush = Heap::now();
+        row(
+            "flushed points waiting for the sink, per point",
+            flushed.since(after_flush),
+        );
+        row(
+            "shard after the flush, beside its points",
+            after_flush.since(empty),
         );
         shard.stop();
 

@@ -163,7 +163,11 @@ impl Broker {
             if !in_rows.is_empty() {
                 found.push(("checkpoint rows", in_rows.iter().sum::<f64>()));
             }
-            for p in cp.pending.iter().filter(|p| p.tags["customer"] == customer) {
+            for p in cp
+                .pending
+                .iter()
+                .filter(|p| p.tags.get("customer") == Some(customer.as_str()))
+            {
                 found.push(("checkpoint pending", p.value));
             }
         }
@@ -351,7 +355,7 @@ fn serve(sink: Arc<FakeSink>) -> (String, tokio::runtime::Runtime) {
                 let mut writes = sink.writes.lock().unwrap();
                 for p in points {
                     writes
-                        .entry(p.tags["customer"].clone())
+                        .entry(p.tags.get("customer").unwrap_or_default().to_string())
                         .or_default()
                         .push(p.value);
                 }

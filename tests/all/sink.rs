@@ -26,14 +26,15 @@ fn points(metric: &str, per_set: usize) -> Vec<Point> {
         for (k, rcode) in ["NOERROR", "NXDOMAIN"].iter().enumerate() {
             for i in 0..per_set {
                 out.push(Point {
-                    metric: metric.to_owned(),
+                    metric: metric.into(),
                     timestamp: T0 + 60 * i as u64,
                     value: i as f64 * 0.125 - 7.5 * (set * 2 + k) as f64 + 12_345.678,
                     tags: tags(&[
                         ("customer", customer),
                         ("rcode", rcode),
                         ("host", "ns1.example"),
-                    ]),
+                    ])
+                    .into(),
                 });
             }
         }
@@ -46,7 +47,7 @@ fn expected_series(points: &[Point]) -> Vec<Series> {
     let mut by_tags: BTreeMap<BTreeMap<String, String>, Vec<(u64, f64)>> = BTreeMap::new();
     for p in points {
         by_tags
-            .entry(p.tags.clone())
+            .entry(p.tags.to_map())
             .or_default()
             .push((p.timestamp, p.value));
     }
@@ -130,7 +131,7 @@ async fn unstorable_points_are_refused_without_failing_the_others() {
     let good = points("wagg.e2e.mixed", 3);
     let mut all = good.clone();
     let mut bad_metric = good[0].clone();
-    bad_metric.metric.clear();
+    bad_metric.metric = "".into();
     let mut bad_value = good[1].clone();
     bad_value.value = f64::NAN;
     all.insert(2, bad_metric.clone());

@@ -132,7 +132,7 @@ fn check_demo_output(
     for line in text.lines() {
         let p: Point =
             serde_json::from_str(line).context("the sink file holds a line that is not a point")?;
-        let rollup = p.tags.get("rollup").cloned().unwrap_or_default();
+        let rollup = p.tags.get("rollup").unwrap_or_default().to_string();
         *per_rollup.entry(rollup.clone()).or_default() += p.value;
         if rollup == "customer" {
             customer_points += 1;
@@ -141,7 +141,7 @@ fn check_demo_output(
                 .get("customer")
                 .and_then(|c| c.parse().ok())
                 .unwrap_or(u64::MAX);
-            let pop = p.tags.get("pop").cloned().unwrap_or_default();
+            let pop = p.tags.get("pop").unwrap_or_default().to_string();
             if totals.per_customer.get(&(customer, pop, p.timestamp)) != Some(&p.value) {
                 mismatches += 1;
             }

@@ -363,12 +363,37 @@ mod tests {
         );
     }
 
+    #[test]
+    fn points_with_tags_read_from_their_key_are_stored_as_their_tags() {
+        let layout = Arc::new(
+            crate::sink::KeyLayout::new(["customer", "pop"], [("rollup".into(), "c".into())])
+                .unwrap(),
+        );
+        let key: Arc<[u8]> = b"\x00c1\0lga\0".as_slice().into();
+        let keyed = Point {
+            tags: layout.tags(&key).unwrap(),
+            ..point(7)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::new(dir.path());
+        let cp = Checkpoint {
+            version: VERSION,
+            pending: vec![keyed.clone()].into(),
+            ..Checkpoint::default()
+        };
+        store.save(&cp).unwrap();
+        let back = store.load().unwrap().unwrap().pending.into_vec();
+        assert_eq!(back, vec![keyed]);
+        assert_eq!(back[0].tags.get("pop"), Some("lga"));
+        assert_eq!(back[0].tags.len(), 3);
+    }
+
     fn point(timestamp: u64) -> Point {
         Point {
             metric: "m".into(),
             timestamp,
             value: 1.0,
-            tags: [("k".to_string(), "v".to_string())].into(),
+            tags: [("k".to_string(), "v".to_string())].into_iter().collect(),
         }
     }
 }

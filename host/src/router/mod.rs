@@ -147,6 +147,19 @@ impl RouterConfig {
                     ),
                 );
             }
+            if let Some((j, t)) = r
+                .tags
+                .iter()
+                .enumerate()
+                .find(|(j, t)| r.tags[..*j].contains(t))
+            {
+                // A point carries each tag once: the second copy would only
+                // lengthen every key.
+                return err(
+                    format!("rollups[{i}].tags[{j}]"),
+                    format!("`{}` is listed twice", t.name()),
+                );
+            }
             if r.name.is_empty() || !r.name.bytes().all(keys::tsdb_char) {
                 return err(
                     format!("rollups[{i}].name"),
@@ -259,6 +272,18 @@ mod tests {
         let err = c.validate().unwrap_err();
         assert_eq!(err.field, "rollups[1].tags");
         assert!(err.to_string().contains("shard key `customer`"), "{err}");
+    }
+
+    #[test]
+    fn a_tag_listed_twice_in_a_rollup_is_refused_naming_it() {
+        let mut c = RouterConfig::default();
+        c.rollups[0].tags = vec![Tag::Customer, Tag::Pop, Tag::Customer];
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.field, "rollups[0].tags[2]");
+        assert!(
+            err.to_string().contains("`customer` is listed twice"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::router::{KeyBatch, RouterConfig, SeriesKey};
 use crate::runtime::{
     Aggregates, Batch, Instance, InstanceError, LoadedModule, ModuleStats, Runtime,
 };
-use crate::sink::Point;
+use crate::sink::{KeyLayout, Point};
 use crate::telemetry::{
     BatchPut, Metrics, ModuleFailed, ModuleFlushed, PointsFlushed, Recovery, ShardHalted,
     ShardQueueDepth, ShardSwapped, SwapFailed,
@@ -321,6 +321,7 @@ impl ShardHandle {
             shadow_fed: false,
             queue_depth: 0,
             batches_seen: 0,
+            shape: PointShape::new(&spec.router),
             spec,
             runtime,
             outbox,
@@ -401,6 +402,8 @@ struct Shard {
     queue_depth: usize,
     /// Batches put, to alternate which module puts first.
     batches_seen: u64,
+    /// The metric name and tag layouts of the points it flushes.
+    shape: PointShape,
 }
 
 /// Queue depth beyond which the shadow skips batches instead of slowing the
@@ -617,7 +620,7 @@ impl Shard {
         let aggs = instance.flush(watermark, &|id| known_key(dict, id, &keys))?;
         let flush_duration = started.elapsed();
         let stats = instance.stats()?;
-        let points = points(&self.spec.router, &row_keys(keys, &aggs, "flush")?, &aggs)?;
+        let points = self.shape.points(&row_keys(keys, &aggs, "flush")?, &aggs)?;
         if !self.replaying {
             self.shadow_flush(watermark, &aggs, flush_duration, stats);
         }
@@ -903,28 +906,59 @@ fn row_keys<'d>(
     Ok(keys)
 }
 
-/// The points of flushed rows, `keys[i]` being row `i`'s key.
-fn points(
-    router: &RouterConfig,
-    keys: &[&Arc<[u8]>],
-    aggs: &Aggregates,
-) -> Result<Vec<Point>, InstanceError> {
-    let mut points = Vec::with_capacity(aggs.len());
-    for (i, key) in keys.iter().enumerate() {
-        // A key that does not parse would be a host bug (or a corrupted
-        // checkpoint) and is reported as bad output.
-        let tags = SeriesKey::parse(key)
-            .and_then(|k| k.tags(router))
-            .ok_or_else(|| InstanceError::BadOutput {
-                call: "flush",
-                reason: format!("series {} has no valid key", aggs.series[i]),
-            })?;
-        points.push(Point {
-            metric: router.metric.clone(),
-            timestamp: aggs.bucket_start[i],
-            value: aggs.sum[i],
-            tags,
-        });
+/// What every point a shard flushes shares: the metric name, and per
+/// rollup the layout that reads a series key's values as tags.
+#[derive(Debug)]
+struct PointShape {
+    metric: Arc<str>,
+    /// By rollup index; `None` for a rollup whose tags cannot be a layout
+    /// (a tag twice: [`RouterConfig::validate`] refuses that), so its keys
+    /// are reported as bad output rather than written with wrong tags.
+    layouts: Vec<Option<Arc<KeyLayout>>>,
+}
+
+impl PointShape {
+    fn new(router: &RouterConfig) -> Self {
+        let layouts = router
+            .rollups
+            .iter()
+            .map(|r| {
+                KeyLayout::new(
+                    r.tags.iter().map(|t| t.name()),
+                    [("rollup".to_string(), r.name.clone())],
+                )
+                .ok()
+                .map(Arc::new)
+            })
+            .collect();
+        PointShape {
+            metric: router.metric.as_str().into(),
+            layouts,
+        }
     }
-    Ok(points)
+
+    /// The points of flushed rows, `keys[i]` being row `i`'s key: each
+    /// shares its key and the metric name, nothing is copied.
+    fn points(&self, keys: &[&Arc<[u8]>], aggs: &Aggregates) -> Result<Vec<Point>, InstanceError> {
+        let mut points = Vec::with_capacity(aggs.len());
+        for (i, key) in keys.iter().enumerate() {
+            // A key that does not parse would be a host bug (or a corrupted
+            // checkpoint) and is reported as bad output.
+            let tags = key
+                .first()
+                .and_then(|&rollup| self.layouts.get(usize::from(rollup))?.as_ref())
+                .and_then(|layout| layout.tags(key))
+                .ok_or_else(|| InstanceError::BadOutput {
+                    call: "flush",
+                    reason: format!("series {} has no valid key", aggs.series[i]),
+                })?;
+            points.push(Point {
+                metric: self.metric.clone(),
+                timestamp: aggs.bucket_start[i],
+                value: aggs.sum[i],
+                tags,
+            });
+        }
+        Ok(points)
+    }
 }

@@ -14,30 +14,33 @@
 //! itself, before any I/O, and reported in [`WriteReport::refused`] like the
 //! points a server refuses.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 pub mod file;
 pub mod opentsdb;
+pub mod tags;
 
 pub use file::{FileSink, FileSinkConfig};
 pub use opentsdb::{OpenTsdbConfig, OpenTsdbSink};
+pub use tags::{KeyLayout, Tags};
 
 /// One OpenTSDB data point; serializes exactly as OpenTSDB's `/api/put` JSON
 /// object: `{"metric":"dns.qps","timestamp":1735689600,"value":1.5,"tags":{"host":"a"}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Point {
-    /// The metric name, e.g. `dns.queries`. Must not be empty.
-    pub metric: String,
+    /// The metric name, e.g. `dns.queries`. Must not be empty. Shared by
+    /// every point a shard flushes.
+    pub metric: Arc<str>,
     /// Unix time in seconds.
     pub timestamp: u64,
     /// The value. Must be finite: JSON has no NaN or infinity.
     pub value: f64,
     /// The tags (OpenTSDB's name for labels); sorted, so the encoding is
     /// deterministic.
-    pub tags: BTreeMap<String, String>,
+    pub tags: Tags,
 }
 
 impl Point {
@@ -252,7 +255,7 @@ pub(crate) mod tests {
 
     pub(crate) fn point(metric: &str, timestamp: u64, value: f64, tags: &[(&str, &str)]) -> Point {
         Point {
-            metric: metric.to_owned(),
+            metric: metric.into(),
             timestamp,
             value,
             tags: tags

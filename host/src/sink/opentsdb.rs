@@ -17,7 +17,6 @@
 //! timeouts are retried with full-jitter exponential backoff
 //! ([`backoff_cap`]); other answers are not.
 
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::time::Duration;
 
@@ -29,7 +28,7 @@ use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
-use super::{Point, SinkError, WriteReport, encode_json_iter};
+use super::{Point, SinkError, Tags, WriteReport, encode_json_iter};
 
 /// Longest piece of an error response body kept in [`SinkError::Status`].
 const MAX_ERROR_BODY: usize = 512;
@@ -180,7 +179,7 @@ struct EchoedPoint {
     #[serde(default)]
     value: serde_json::Value,
     #[serde(default)]
-    tags: BTreeMap<String, String>,
+    tags: Tags,
 }
 
 impl OpenTsdbSink {
@@ -459,7 +458,7 @@ fn account_details(batch: &[&Point], details: Details, report: &mut WriteReport)
 fn original(batch: &[&Point], echo: EchoedPoint) -> Point {
     if let Some(p) = batch
         .iter()
-        .find(|p| p.metric == echo.metric && p.timestamp == echo.timestamp && p.tags == echo.tags)
+        .find(|p| *p.metric == echo.metric && p.timestamp == echo.timestamp && p.tags == echo.tags)
     {
         return (*p).clone();
     }
@@ -469,7 +468,7 @@ fn original(batch: &[&Point], echo: EchoedPoint) -> Point {
         _ => None,
     };
     Point {
-        metric: echo.metric,
+        metric: echo.metric.into(),
         timestamp: echo.timestamp,
         value: value.unwrap_or(f64::NAN),
         tags: echo.tags,
@@ -872,7 +871,7 @@ mod tests {
         let refused: Vec<(&str, u64)> = report
             .refused
             .iter()
-            .map(|(p, _)| (p.metric.as_str(), p.timestamp))
+            .map(|(p, _)| (&*p.metric, p.timestamp))
             .collect();
         assert_eq!(refused, [("", 5), ("m", 6)]);
         assert!(report.refused[1].0.value.is_nan());

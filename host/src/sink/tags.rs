@@ -1,0 +1,368 @@
+//! A point's tags, read from its series key when the point is encoded.
+//!
+//! A shard flushes one point per open (series, bucket) row, and a point
+//! waits in the outbox (and in every checkpoint) until the sink confirms
+//! it. As a map of owned strings a point's tags cost ~720 bytes in 14 heap
+//! blocks (`series-memory`), built at every flush. [`Tags`] instead shares
+//! the series key the shard already holds and a [`KeyLayout`] that names
+//! its values: no allocation per point, and the names and values are laid
+//! out only when the sink encodes the point.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// Most values a [`KeyLayout`] reads from a key. The router has six tags;
+/// a fixed bound lets a point's tags be read in one pass over its key,
+/// without allocating.
+pub const MAX_KEY_VALUES: usize = 8;
+
+/// A point's tags (OpenTSDB's name for labels), sorted by name, each name
+/// once.
+#[derive(Clone)]
+pub struct Tags(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    /// Pairs sorted by name (from a map: a checkpoint, a test, an echo).
+    Owned(Vec<(String, String)>),
+    /// The values of a series key, named by a layout; checked by
+    /// [`KeyLayout::tags`] when the point was made.
+    Key {
+        key: Arc<[u8]>,
+        layout: Arc<KeyLayout>,
+    },
+}
+
+/// How a series key's values become tags.
+///
+/// The key is one prefix byte (the router's rollup index, which the layout
+/// does not read), then each value followed by a NUL byte. The layout names
+/// the values in key order and adds constant tags (the router's
+/// `rollup=<name>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyLayout {
+    /// Every tag, sorted by name.
+    sorted: Vec<(String, Source)>,
+    /// Values a key must hold.
+    values: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    /// The key's value at this index.
+    Value(usize),
+    /// A constant.
+    Fixed(String),
+}
+
+/// Why a [`KeyLayout`] cannot be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// Two tags have the same name.
+    #[error("tag {0:?} is named twice")]
+    Duplicate(String),
+    /// More values than [`MAX_KEY_VALUES`].
+    #[error("{0} values in a key (at most {MAX_KEY_VALUES})")]
+    TooManyValues(usize),
+}
+
+impl KeyLayout {
+    /// A layout naming a key's values `values` (in key order), plus the
+    /// constant tags `fixed`.
+    ///
+    /// # Errors
+    ///
+    /// If a name appears twice, or there are more than [`MAX_KEY_VALUES`]
+    /// values.
+    pub fn new<'a>(
+        values: impl IntoIterator<Item = &'a str>,
+        fixed: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, LayoutError> {
+        let mut sorted: Vec<(String, Source)> = values
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| (name.to_owned(), Source::Value(i)))
+            .collect();
+        let values = sorted.len();
+        if values > MAX_KEY_VALUES {
+            return Err(LayoutError::TooManyValues(values));
+        }
+        sorted.extend(fixed.into_iter().map(|(n, v)| (n, Source::Fixed(v))));
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        if let Some(w) = sorted.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(LayoutError::Duplicate(w[0].0.clone()));
+        }
+        Ok(KeyLayout { sorted, values })
+    }
+
+    /// The tags of the series `key`, sharing it; `None` if the key does not
+    /// hold exactly this layout's values, NUL-terminated and UTF-8.
+    pub fn tags(self: &Arc<Self>, key: &Arc<[u8]>) -> Option<Tags> {
+        let (_, rest) = key.split_first()?;
+        let rest = rest.strip_suffix(&[0])?;
+        std::str::from_utf8(rest).ok()?;
+        // `split` yields one more value than there are separators.
+        if rest.iter().filter(|&&b| b == 0).count() + 1 != self.values {
+            return None;
+        }
+        Some(Tags(Repr::Key {
+            key: key.clone(),
+            layout: self.clone(),
+        }))
+    }
+}
+
+impl Tags {
+    /// No tags.
+    pub fn new() -> Self {
+        Tags(Repr::Owned(Vec::new()))
+    }
+
+    /// The tags as (name, value), sorted by name.
+    pub fn iter(&self) -> Iter<'_> {
+        match &self.0 {
+            Repr::Owned(pairs) => Iter(IterRepr::Owned(pairs.iter())),
+            Repr::Key { key, layout } => {
+                // Checked when the tags were made: a prefix byte, then
+                // NUL-terminated UTF-8 values, as many as the layout has.
+                let body = key.get(1..key.len().saturating_sub(1)).unwrap_or_default();
+                let mut values = [""; MAX_KEY_VALUES];
+                let body = std::str::from_utf8(body).unwrap_or_default();
+                for (slot, value) in values.iter_mut().zip(body.split('\0')) {
+                    *slot = value;
+                }
+                Iter(IterRepr::Key {
+                    values,
+                    sorted: layout.sorted.iter(),
+                })
+            }
+        }
+    }
+
+    /// The value of tag `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
+
+    /// Number of tags.
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            Repr::Owned(pairs) => pairs.len(),
+            Repr::Key { layout, .. } => layout.sorted.len(),
+        }
+    }
+
+    /// Whether there is no tag.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The tags as an owned map.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        self.iter()
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .collect()
+    }
+}
+
+impl Default for Tags {
+    fn default() -> Self {
+        Tags::new()
+    }
+}
+
+/// The tags of a point, sorted by name.
+#[derive(Debug, Clone)]
+pub struct Iter<'a>(IterRepr<'a>);
+
+#[derive(Debug, Clone)]
+enum IterRepr<'a> {
+    Owned(std::slice::Iter<'a, (String, String)>),
+    Key {
+        /// The key's values, in key order.
+        values: [&'a str; MAX_KEY_VALUES],
+        sorted: std::slice::Iter<'a, (String, Source)>,
+    },
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a str, &'a str);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match &mut self.0 {
+            IterRepr::Owned(pairs) => pairs.next().map(|(n, v)| (n.as_str(), v.as_str())),
+            IterRepr::Key { values, sorted } => sorted.next().map(|(name, source)| {
+                let value = match source {
+                    Source::Value(i) => values[*i],
+                    Source::Fixed(v) => v.as_str(),
+                };
+                (name.as_str(), value)
+            }),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match &self.0 {
+            IterRepr::Owned(pairs) => pairs.size_hint(),
+            IterRepr::Key { sorted, .. } => sorted.size_hint(),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Tags {
+    type Item = (&'a str, &'a str);
+    type IntoIter = Iter<'a>;
+
+    fn into_iter(self) -> Iter<'a> {
+        self.iter()
+    }
+}
+
+impl From<BTreeMap<String, String>> for Tags {
+    fn from(map: BTreeMap<String, String>) -> Self {
+        Tags(Repr::Owned(map.into_iter().collect()))
+    }
+}
+
+impl FromIterator<(String, String)> for Tags {
+    /// Sorted by name; of two pairs with one name, the last is kept (as a
+    /// map would).
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(pairs: I) -> Self {
+        pairs.into_iter().collect::<BTreeMap<_, _>>().into()
+    }
+}
+
+/// Equal when the (name, value) pairs are, however each side holds them.
+impl PartialEq for Tags {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl std::fmt::Debug for Tags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+/// A JSON object (a map in other formats), as OpenTSDB's `tags`.
+impl Serialize for Tags {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Tags {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        BTreeMap::<String, String>::deserialize(d).map(Tags::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Arc<KeyLayout> {
+        Arc::new(
+            KeyLayout::new(
+                ["zone", "customer", "type"],
+                [("rollup".to_string(), "zone".to_string())],
+            )
+            .unwrap(),
+        )
+    }
+
+    fn key(bytes: &[u8]) -> Arc<[u8]> {
+        bytes.into()
+    }
+
+    #[test]
+    fn a_key_reads_as_tags_sorted_by_name() {
+        let tags = layout()
+            .tags(&key(b"\x01example.com\x001042\0A\0"))
+            .unwrap();
+        let pairs: Vec<_> = tags.iter().collect();
+        assert_eq!(
+            pairs,
+            [
+                ("customer", "1042"),
+                ("rollup", "zone"),
+                ("type", "A"),
+                ("zone", "example.com")
+            ]
+        );
+        assert_eq!(tags.len(), 4);
+        assert_eq!(tags.get("type"), Some("A"));
+        assert_eq!(tags.get("host"), None);
+        // The same tags held as a map are equal, and encode the same.
+        let owned = Tags::from(tags.to_map());
+        assert_eq!(tags, owned);
+        assert_eq!(
+            serde_json::to_string(&tags).unwrap(),
+            serde_json::to_string(&owned).unwrap()
+        );
+        assert_eq!(
+            serde_json::to_string(&tags).unwrap(),
+            r#"{"customer":"1042","rollup":"zone","type":"A","zone":"example.com"}"#
+        );
+        let back: Tags = serde_json::from_str(&serde_json::to_string(&tags).unwrap()).unwrap();
+        assert_eq!(back, tags);
+    }
+
+    #[test]
+    fn empty_values_are_values() {
+        let tags = layout().tags(&key(b"\x01\0\0\0")).unwrap();
+        assert_eq!(tags.get("zone"), Some(""));
+        assert_eq!(tags.get("type"), Some(""));
+    }
+
+    #[test]
+    fn a_key_that_does_not_fit_the_layout_has_no_tags() {
+        let layout = layout();
+        for bad in [
+            &b""[..],
+            b"\x01",
+            b"\x01a\0b\0",           // two values for three names
+            b"\x01a\0b\0c\0d\0",     // four
+            b"\x01a\0b\0c",          // no terminating NUL
+            b"\x01a\0\xff\xfe\0c\0", // not UTF-8
+        ] {
+            assert!(layout.tags(&key(bad)).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_layout_refuses_a_name_twice_and_too_many_values() {
+        assert_eq!(
+            KeyLayout::new(["a", "rollup"], [("rollup".into(), "x".into())]),
+            Err(LayoutError::Duplicate("rollup".into()))
+        );
+        assert_eq!(
+            KeyLayout::new(["a", "b", "a"], []),
+            Err(LayoutError::Duplicate("a".into()))
+        );
+        let names: Vec<String> = (0..=MAX_KEY_VALUES).map(|i| format!("t{i}")).collect();
+        assert_eq!(
+            KeyLayout::new(names.iter().map(String::as_str), []),
+            Err(LayoutError::TooManyValues(MAX_KEY_VALUES + 1))
+        );
+        let names = &names[..MAX_KEY_VALUES];
+        let layout = Arc::new(KeyLayout::new(names.iter().map(String::as_str), []).unwrap());
+        let key: Vec<u8> = std::iter::once(0)
+            .chain(names.iter().flat_map(|n| n.bytes().chain([0])))
+            .collect();
+        let tags = layout.tags(&key.into()).unwrap();
+        assert!(tags.iter().all(|(n, v)| n == v), "{tags:?}");
+    }
+
+    #[test]
+    fn pairs_collect_sorted_with_the_last_of_a_name_kept() {
+        let tags: Tags = [("b", "1"), ("a", "2"), ("b", "3")]
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(tags.iter().collect::<Vec<_>>(), [("a", "2"), ("b", "3")]);
+    }
+}
