@@ -13,5 +13,6 @@ mod pipeline;
 mod rollout;
 mod security;
 mod shadow;
+mod shard;
 mod sink;
 mod traffic;

@@ -316,6 +316,7 @@ impl ShardHandle {
             batch: Batch::with_capacity(1024),
             base: Arc::new(restore),
             log: Vec::new(),
+            forget_at: None,
             shadow: None,
             replaying: false,
             shadow_fed: false,
@@ -371,7 +372,10 @@ pub struct ShardStopped;
 /// What a shard did since its last snapshot, to rebuild a failed module.
 #[derive(Debug)]
 enum Logged {
-    Put(KeyBatch),
+    /// Samples by series id: 24 bytes a sample, where the routed batch
+    /// with its keys took ~70. The ids stay valid until the log is cleared,
+    /// because series are forgotten only then ([`Shard::forget_at`]).
+    Put(Batch),
     Flush(u64),
 }
 
@@ -390,6 +394,11 @@ struct Shard {
     base: Arc<Vec<StateRow>>,
     /// Everything done since `base`.
     log: Vec<Logged>,
+    /// The last flush's watermark, until the next snapshot forgets the
+    /// series idle since before it. Forgetting waits for the snapshot that
+    /// clears the log, so every id in the log is still in the dictionary
+    /// when a rebuild replays it.
+    forget_at: Option<u64>,
     /// A candidate fed the same batches, compared at every flush.
     shadow: Option<Shadow>,
     /// Set while a rebuild replays the log: nothing replayed reaches the
@@ -505,7 +514,8 @@ impl Shard {
 
     fn finish(&mut self, cmd: Command, outcome: Outcome) {
         match (cmd, outcome) {
-            (Command::Put(keys), Outcome::Put) => self.log.push(Logged::Put(keys)),
+            // `self.batch` holds what the command's successful run put.
+            (Command::Put(_), Outcome::Put) => self.log.push(Logged::Put(self.batch.clone())),
             (Command::Flush(watermark), Outcome::Flushed(points)) => {
                 PointsFlushed {
                     shard: self.spec.index,
@@ -515,10 +525,14 @@ impl Shard {
                 .emit(&self.spec.metrics, &self.counters);
                 self.outbox.flushed(points);
                 self.log.push(Logged::Flush(watermark));
+                self.forget_at = Some(watermark);
             }
             (Command::Snapshot(reply), Outcome::Rows(rows)) => {
                 self.base = Arc::new(rows);
                 self.log.clear();
+                if let Some(watermark) = self.forget_at.take() {
+                    self.forget(watermark);
+                }
                 let _ = reply.send(self.base.clone());
             }
             (Command::Stats(reply), Outcome::Stats(module_stats)) => {
@@ -550,6 +564,13 @@ impl Shard {
             let id = self.dict.intern(keys.key(s), bucket);
             self.batch.push(id, s.timestamp, s.value);
         }
+        self.put_batch(batch_started)
+    }
+
+    /// Puts `self.batch`, already interned, into the module (and the
+    /// shadow, unless replaying).
+    fn put_batch(&mut self, batch_started: std::time::Instant) -> Result<(), InstanceError> {
+        let samples = self.batch.len();
         // The shadow gets each batch once (not on a retry, not when a
         // rebuild replays the log), first on every other batch.
         let mut shadow = self.shadow.take();
@@ -557,7 +578,7 @@ impl Shard {
             !self.replaying && !self.shadow_fed && shadow.as_ref().is_some_and(Shadow::running);
         if feed && self.queue_depth > SHADOW_SKIP_DEPTH {
             if let Some(s) = shadow.as_mut() {
-                s.skip(keys.len());
+                s.skip(samples);
             }
             self.shadow_fed = true;
             feed = false;
@@ -583,7 +604,7 @@ impl Shard {
             self.shadow_fed = true;
         }
         if let (Ok(fuel), Some(s), Some(t)) = (&put, shadow.as_mut(), shadow_time) {
-            s.record_batch(keys.len(), put_duration, t, *fuel);
+            s.record_batch(samples, put_duration, t, *fuel);
         }
         if let Some(s) = shadow {
             self.keep_shadow(s);
@@ -599,7 +620,7 @@ impl Shard {
         BatchPut {
             shard: self.spec.index,
             module: &self.current.label,
-            samples: keys.len(),
+            samples,
             batch_duration: batch_started.elapsed(),
             put_duration,
             fuel: instance.last_fuel(),
@@ -632,7 +653,6 @@ impl Shard {
             stats,
         }
         .emit(&self.spec.metrics, &self.counters);
-        self.forget(watermark);
         Ok(points)
     }
 
@@ -711,7 +731,8 @@ impl Shard {
     }
 
     /// Forgets series idle for `forget_after_buckets` whole buckets before
-    /// `watermark`. Their buckets were flushed, so the module holds none.
+    /// `watermark`. Their buckets were flushed, so the module holds none;
+    /// called only when the log is cleared (see [`Shard::forget_at`]).
     fn forget(&mut self, watermark: u64) {
         let width = u64::from(self.spec.bucket_seconds);
         let horizon =
@@ -865,7 +886,10 @@ impl Shard {
         let log = std::mem::take(&mut self.log);
         self.replaying = true;
         let replayed = log.iter().try_for_each(|entry| match entry {
-            Logged::Put(keys) => self.put(keys),
+            Logged::Put(batch) => {
+                self.batch.clone_from(batch);
+                self.put_batch(std::time::Instant::now())
+            }
             Logged::Flush(watermark) => self.flush(*watermark).map(drop),
         });
         self.replaying = false;
