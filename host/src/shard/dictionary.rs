@@ -10,7 +10,8 @@
 //! past the last flush, so host memory follows live series, not every series
 //! ever seen. Forgetting happens only after a flush, when the module holds no
 //! open bucket of the series: an id is never reused while a module could
-//! still return it.
+//! still return it. The shard forgets at the checkpoint after a flush, when
+//! its replay log (samples by id) is cleared.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};

@@ -241,11 +241,47 @@ pub(crate) fn encode_json_iter<'a>(points: impl IntoIterator<Item = &'a Point>, 
     out.push(b']');
 }
 
+/// The point as serde_json writes its `Serialize` form, byte for byte (a
+/// test holds them equal), written directly: through serde, reading tags
+/// from the key cost ~50 % more per point than the owned maps they replaced.
 fn encode_point(p: &Point, out: &mut Vec<u8>) {
-    // Writing into a Vec cannot fail, and a Point has only string map keys
-    // and no fallible Serialize impls: serde_json's only other error sources.
-    if let Err(e) = serde_json::to_writer(&mut *out, p) {
-        unreachable!("serializing a Point into a Vec failed: {e}");
+    out.extend_from_slice(b"{\"metric\":");
+    push_json_str(&p.metric, out);
+    out.extend_from_slice(b",\"timestamp\":");
+    push_json(&p.timestamp, out);
+    out.extend_from_slice(b",\"value\":");
+    push_json(&p.value, out);
+    out.extend_from_slice(b",\"tags\":");
+    p.tags.write_json(out);
+    out.push(b'}');
+}
+
+/// `s` as a JSON string. serde_json escapes `"`, `\` and bytes below 0x20,
+/// nothing else; a string without them (every router-made tag value) is
+/// copied as it is.
+fn push_json_str(s: &str, out: &mut Vec<u8>) {
+    if json_plain(s.as_bytes()) {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        push_json(s, out);
+    }
+}
+
+/// Whether serde_json writes `bytes` (UTF-8) as they are between quotes.
+fn json_plain(bytes: &[u8]) -> bool {
+    // Not short-circuiting, so the loop can be vectorised.
+    bytes.iter().fold(true, |plain, &b| {
+        plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
+    })
+}
+
+fn push_json<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    // Writing a number or a string into a Vec cannot fail.
+    if let Err(e) = serde_json::to_writer(&mut *out, value) {
+        unreachable!("serializing into a Vec failed: {e}");
     }
 }
 
@@ -284,6 +320,31 @@ pub(crate) mod tests {
             std::str::from_utf8(&out).unwrap(),
             r#"[{"metric":"dns.qps","timestamp":1735689600,"value":1.5,"tags":{"host":"a","zone":"b"}},{"metric":"dns.q\"x","timestamp":1,"value":-2.0,"tags":{}}]"#
         );
+    }
+
+    #[test]
+    fn the_encoding_is_serde_jsons_byte_for_byte() {
+        let tricky = [
+            "plain",
+            "",
+            "quote\"",
+            "back\\slash",
+            "nl\n tab\t nul\0 esc\u{1b}",
+            "del\u{7f} ü €",
+            "/slash",
+        ];
+        for (i, s) in tricky.iter().enumerate() {
+            for value in [0.1, -0.0, 1e300, 5e-324, 12345.678, f64::NAN, f64::INFINITY] {
+                let p = point(s, i as u64 * 1_000_000_007, value, &[(s, s), ("k", "v")]);
+                let mut ours = Vec::new();
+                encode_point(&p, &mut ours);
+                let theirs = serde_json::to_vec(&p).unwrap();
+                assert_eq!(
+                    String::from_utf8(ours).unwrap(),
+                    String::from_utf8(theirs).unwrap()
+                );
+            }
+        }
     }
 
     #[test]

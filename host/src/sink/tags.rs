@@ -45,6 +45,9 @@ enum Repr {
 pub struct KeyLayout {
     /// Every tag, sorted by name.
     sorted: Vec<(String, Source)>,
+    /// Per tag of `sorted`, its JSON ready to copy: `"name":` for a value
+    /// from the key, `"name":"value"` for a constant.
+    json: Vec<Box<[u8]>>,
     /// Values a key must hold.
     values: usize,
 }
@@ -94,7 +97,23 @@ impl KeyLayout {
         if let Some(w) = sorted.windows(2).find(|w| w[0].0 == w[1].0) {
             return Err(LayoutError::Duplicate(w[0].0.clone()));
         }
-        Ok(KeyLayout { sorted, values })
+        let json = sorted
+            .iter()
+            .map(|(name, source)| {
+                let mut json = Vec::new();
+                super::push_json_str(name, &mut json);
+                json.push(b':');
+                if let Source::Fixed(value) = source {
+                    super::push_json_str(value, &mut json);
+                }
+                json.into_boxed_slice()
+            })
+            .collect();
+        Ok(KeyLayout {
+            sorted,
+            json,
+            values,
+        })
     }
 
     /// The tags of the series `key`, sharing it; `None` if the key does not
@@ -139,6 +158,51 @@ impl Tags {
                 })
             }
         }
+    }
+
+    /// Appends the tags as a JSON object, as serde_json writes their
+    /// `Serialize` form. Tags read from a key are copied with the layout's
+    /// JSON for the names, unless a value needs escaping (never one the
+    /// router made): then, as for owned tags, each string is escaped.
+    pub(super) fn write_json(&self, out: &mut Vec<u8>) {
+        if let Repr::Key { key, layout } = &self.0 {
+            let start = out.len();
+            let body = key.get(1..key.len().saturating_sub(1)).unwrap_or_default();
+            let mut values: [&[u8]; MAX_KEY_VALUES] = [&[]; MAX_KEY_VALUES];
+            for (slot, value) in values.iter_mut().zip(body.split(|&b| b == 0)) {
+                *slot = value;
+            }
+            let mut plain = true;
+            out.push(b'{');
+            for (i, ((_, source), json)) in layout.sorted.iter().zip(&layout.json).enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(json);
+                if let Source::Value(v) = source {
+                    let value = values[*v];
+                    plain &= super::json_plain(value);
+                    out.push(b'"');
+                    out.extend_from_slice(value);
+                    out.push(b'"');
+                }
+            }
+            out.push(b'}');
+            if plain {
+                return;
+            }
+            out.truncate(start);
+        }
+        out.push(b'{');
+        for (i, (name, value)) in self.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            super::push_json_str(name, out);
+            out.push(b':');
+            super::push_json_str(value, out);
+        }
+        out.push(b'}');
     }
 
     /// The value of tag `name`.
@@ -309,6 +373,35 @@ mod tests {
         );
         let back: Tags = serde_json::from_str(&serde_json::to_string(&tags).unwrap()).unwrap();
         assert_eq!(back, tags);
+    }
+
+    #[test]
+    fn json_is_serde_jsons_whether_or_not_a_value_needs_escaping() {
+        let layout = Arc::new(
+            KeyLayout::new(["z\"one", "customer"], [("rollup".into(), "r\\1".into())]).unwrap(),
+        );
+        for k in [
+            &b"\x01example.com\x001042\0"[..],
+            b"\x01\0\0",
+            b"\x01quo\"te\0tab\there\0",
+            b"\x01back\\slash\0\x01\0",
+            "\x01ü€\0/\u{7f}\0".as_bytes(),
+        ] {
+            let tags = layout.tags(&key(k)).unwrap();
+            let mut ours = Vec::new();
+            tags.write_json(&mut ours);
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                serde_json::to_string(&tags).unwrap()
+            );
+            // The same tags held as a map take the escaping path.
+            let mut owned = Vec::new();
+            Tags::from(tags.to_map()).write_json(&mut owned);
+            assert_eq!(
+                String::from_utf8(owned).unwrap(),
+                serde_json::to_string(&tags).unwrap()
+            );
+        }
     }
 
     #[test]
