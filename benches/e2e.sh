@@ -6,6 +6,7 @@
 #   bash benches/e2e.sh [MESSAGES=30000] [OUT_DIR]
 #   PHASES="2-shards" bash benches/e2e.sh   # the ceiling and only these phases
 #   REQUESTS_IN_FLIGHT=1 bash benches/e2e.sh # [sink] requests_in_flight
+#   GZIP=false bash benches/e2e.sh           # [sink] gzip
 #
 # Each phase publishes the same backlog of MESSAGES persistent messages of
 # 100 metrics (`wagg loadgen --count`, confirmed), then drains it:
@@ -97,6 +98,7 @@ dead_letter_queue = "$name.dlq"
 kind = "opentsdb"
 url = "http://$vm_tsdb"
 ${REQUESTS_IN_FLIGHT:+requests_in_flight = $REQUESTS_IN_FLIGHT}
+${GZIP:+gzip = $GZIP}
 [admin]
 listen = "$admin"
 token = "e2e"
