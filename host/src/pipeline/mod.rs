@@ -78,7 +78,8 @@ pub struct PipelineConfig {
     pub batch_max_delay_ms: u64,
     /// Time between checkpoints, and so between acknowledgements.
     pub checkpoint_interval_ms: u64,
-    /// Buckets without a sample after which a series leaves the dictionary.
+    /// Buckets without a sample after which a series leaves the dictionary
+    /// (at the first checkpoint after the flush that makes it idle).
     pub forget_after_buckets: u64,
     /// Flushed points waiting for the sink beyond which no more deliveries
     /// are taken and no more buckets flushed (those already closed wait in

@@ -235,7 +235,8 @@ pub struct ShardSpec {
     pub fallback: Assignment,
     /// Bucket width, seconds.
     pub bucket_seconds: u32,
-    /// Buckets without a sample after which a series is forgotten.
+    /// Buckets without a sample after which a series is forgotten (at the
+    /// first snapshot after the flush that makes it idle).
     pub forget_after_buckets: u64,
     /// Router configuration, to turn keys back into tags.
     pub router: Arc<RouterConfig>,
@@ -373,8 +374,9 @@ pub struct ShardStopped;
 #[derive(Debug)]
 enum Logged {
     /// Samples by series id: 24 bytes a sample, where the routed batch
-    /// with its keys took ~70. The ids stay valid until the log is cleared,
-    /// because series are forgotten only then ([`Shard::forget_at`]).
+    /// with its keys took ~120 (`series-memory`). The ids stay valid until
+    /// the log is cleared, because series are forgotten only then
+    /// ([`Shard::forget_at`]).
     Put(Batch),
     Flush(u64),
 }
