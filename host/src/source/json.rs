@@ -153,9 +153,15 @@ impl Decoder for JsonDecoder {
                 limit: limits.max_message_bytes,
             });
         }
+        // One UTF-8 check of the whole body, then serde_json reads a `str`
+        // and checks no string again; from bytes it validated every key and
+        // value on its own, seven short strings a metric (2 % of the
+        // decode bench's time: BENCHMARKS.md, session 6).
+        let text = std::str::from_utf8(body)
+            .map_err(|e| DecodeError::BadJson(format!("the body is not UTF-8: {e}")))?;
         // serde_json's own recursion limit (128) bounds deep nesting.
         let msg: Message<'a> =
-            serde_json::from_slice(body).map_err(|e| DecodeError::BadJson(e.to_string()))?;
+            serde_json::from_str(text).map_err(|e| DecodeError::BadJson(e.to_string()))?;
         let bad = |field: String, reason: String| Err(DecodeError::BadField { field, reason });
         if !(limits.min_time..=limits.max_time).contains(&msg.time) {
             return bad(
@@ -255,6 +261,21 @@ mod tests {
             let err = d.decode(body.as_bytes()).expect_err(body);
             assert_eq!(err.code(), code, "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_is_bad_json_and_utf8_text_is_kept() {
+        let mut body = GOOD
+            .replace("www.example.com", "wüw.example.com")
+            .into_bytes();
+        let msg = JsonDecoder::default().decode(&body).unwrap();
+        assert_eq!(msg.metrics[0].record, "wüw.example.com");
+        // The second byte of `ü`, inside a string value.
+        let at = body.windows(2).position(|w| w == "ü".as_bytes()).unwrap() + 1;
+        body[at] = 0xff;
+        let err = JsonDecoder::default().decode(&body).unwrap_err();
+        assert_eq!(err.code(), "bad_json");
+        assert!(err.to_string().contains("not UTF-8"), "{err}");
     }
 
     #[test]
