@@ -29,7 +29,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Bencher, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use wagg::runtime::{LoadedModule, Runtime, RuntimeLimits};
 use wagg_artifacts::{BTREE, HASHMAP};
 use wagg_benches::live_shard::{BUCKET_SECONDS, LiveShard, T0};
@@ -44,60 +44,74 @@ fn config() -> Criterion {
         .measurement_time(Duration::from_secs(1))
 }
 
+/// One benchmark group: per live count in [`LIVE`], a fresh shard running
+/// `module` (its own fallback too), readied by `prepare`, timed by `bench`.
+fn per_live_count(
+    c: &mut Criterion,
+    rt: &Runtime,
+    name: String,
+    module: &Arc<LoadedModule>,
+    prepare: impl Fn(&LiveShard, u64),
+    mut bench: impl FnMut(&mut Bencher<'_>, &LiveShard, u64),
+) {
+    let mut group = c.benchmark_group(name);
+    for live in LIVE {
+        group.throughput(Throughput::Elements(live));
+        let shard = LiveShard::start(rt, module, module);
+        prepare(&shard, live);
+        group.bench_function(BenchmarkId::new("live", live), |b| bench(b, &shard, live));
+        shard.stop();
+    }
+    group.finish();
+}
+
+fn filled(shard: &LiveShard, live: u64) {
+    shard.fill(live, T0);
+}
+
 fn bench_swap(
     c: &mut Criterion,
     rt: &Runtime,
     (from_name, from): (&str, &Arc<LoadedModule>),
     (to_name, to): (&str, &Arc<LoadedModule>),
 ) {
-    let mut group = c.benchmark_group(format!("swap/{from_name}-{to_name}"));
-    for live in LIVE {
-        group.throughput(Throughput::Elements(live));
-        let shard = LiveShard::start(rt, from, from);
-        shard.fill(live, T0);
-        group.bench_function(BenchmarkId::new("live", live), |b| {
-            b.iter_custom(|iters| {
-                let mut paused = Duration::ZERO;
-                for _ in 0..iters {
-                    let report = shard.swap(to).expect("the swap succeeds");
-                    assert_eq!(report.rows as u64, live);
-                    paused += report.pause;
-                    shard.swap(from).expect("the swap back succeeds");
-                }
-                paused
-            })
-        });
-        shard.stop();
-    }
-    group.finish();
+    let name = format!("swap/{from_name}-{to_name}");
+    per_live_count(c, rt, name, from, filled, |b, shard, live| {
+        b.iter_custom(|iters| {
+            let mut paused = Duration::ZERO;
+            for _ in 0..iters {
+                let report = shard.swap(to).expect("the swap succeeds");
+                assert_eq!(report.rows as u64, live);
+                paused += report.pause;
+                shard.swap(from).expect("the swap back succeeds");
+            }
+            paused
+        })
+    });
 }
 
 fn bench_snapshot(c: &mut Criterion, rt: &Runtime, (name, module): (&str, &Arc<LoadedModule>)) {
-    let mut group = c.benchmark_group(format!("snapshot/{name}"));
-    for live in LIVE {
-        group.throughput(Throughput::Elements(live));
-        let shard = LiveShard::start(rt, module, module);
-        shard.fill(live, T0);
-        group.bench_function(BenchmarkId::new("live", live), |b| {
-            b.iter(|| {
-                let rows = shard.snapshot();
-                assert_eq!(rows.len() as u64, live);
-                rows
-            })
-        });
-        shard.stop();
-    }
-    group.finish();
+    let name = format!("snapshot/{name}");
+    per_live_count(c, rt, name, module, filled, |b, shard, live| {
+        b.iter(|| {
+            let rows = shard.snapshot();
+            assert_eq!(rows.len() as u64, live);
+            rows
+        })
+    });
 }
 
 fn bench_flush(c: &mut Criterion, rt: &Runtime, (name, module): (&str, &Arc<LoadedModule>)) {
-    let mut group = c.benchmark_group(format!("flush/{name}"));
-    for live in LIVE {
-        group.throughput(Throughput::Elements(live));
-        let shard = LiveShard::start(rt, module, module);
-        // Each flush closes the next bucket, so watermarks only advance.
-        let mut bucket = T0;
-        group.bench_function(BenchmarkId::new("live", live), |b| {
+    // Each flush closes the next bucket, so watermarks only advance.
+    let mut bucket = T0;
+    let name = format!("flush/{name}");
+    per_live_count(
+        c,
+        rt,
+        name,
+        module,
+        |_, _| {},
+        |b, shard, live| {
             b.iter_custom(|iters| {
                 let mut took = Duration::ZERO;
                 for _ in 0..iters {
@@ -113,10 +127,8 @@ fn bench_flush(c: &mut Criterion, rt: &Runtime, (name, module): (&str, &Arc<Load
                 }
                 took
             })
-        });
-        shard.stop();
-    }
-    group.finish();
+        },
+    );
 }
 
 fn swap(c: &mut Criterion) {
