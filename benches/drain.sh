@@ -11,6 +11,16 @@ metric() { # name: sum of its samples in $scrape
     awk -v m="$1" '$1 == m || index($1, m "{") == 1 { s += $NF } END { printf "%.0f", s }' <<< "$scrape"
 }
 
+cpu_ticks() { # pid: user + system CPU time so far, in clock ticks (0 if gone)
+    awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
+# Pids whose CPU wagg_drain measures over the drain: set before calling it,
+# as "name=pid" words. wagg_drain sets drain_cpu to "name cores ..." (the
+# CPU each used between the first message taken and the last acked, in
+# cores: CPU seconds / wall seconds).
+drain_pids=() drain_cpu=
+
 peak_rss_mib() { # pid: the process's peak resident set (VmHWM), MiB
     awk '$1 == "VmHWM:" { printf "%.0f", $2 / 1024 }' "/proc/$1/status"
 }
@@ -22,17 +32,26 @@ peak_rss_mib() { # pid: the process's peak resident set (VmHWM), MiB
 drain_first= drain_last=
 wagg_drain() {
     local admin=$1 queue=$2 messages=$3
-    drain_first= drain_last=
+    drain_first= drain_last= drain_cpu=
+    local -A cpu0=()
+    local np
     while :; do
         scrape=$(curl -s "http://$admin/metrics")
         if [ -z "$drain_first" ] && [ "$(metric wagg_messages_received_total)" -gt 0 ]; then
             drain_first=$(date +%s.%N)
+            for np in "${drain_pids[@]}"; do cpu0[$np]=$(cpu_ticks "${np#*=}"); done
         fi
         if [ "$(metric wagg_messages_received_total)" -ge "$messages" ] && [ "$(depth "$queue")" = 0 ]; then
             drain_last=$(date +%s.%N)
             break
         fi
         sleep 0.1
+    done
+    local hz secs
+    hz=$(getconf CLK_TCK)
+    secs=$(echo "$drain_last - $drain_first" | bc -l)
+    for np in "${drain_pids[@]}"; do
+        drain_cpu+="${np%%=*} $(echo "($(cpu_ticks "${np#*=}") - ${cpu0[$np]}) / $hz / $secs" | bc -l | xargs printf '%.2f') "
     done
 }
 

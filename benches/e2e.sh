@@ -7,6 +7,9 @@
 #   PHASES="2-shards" bash benches/e2e.sh   # the ceiling and only these phases
 #   REQUESTS_IN_FLIGHT=1 bash benches/e2e.sh # [sink] requests_in_flight
 #   GZIP=false bash benches/e2e.sh           # [sink] gzip
+#   SINK=file bash benches/e2e.sh            # JSON lines in a file, not
+#             VictoriaMetrics: what wagg sustains when the TSDB is not on
+#             these 2 cores (the file is synced at every write as before)
 #
 # Each phase publishes the same backlog of MESSAGES persistent messages of
 # 100 metrics (`wagg loadgen --count`, confirmed), then drains it:
@@ -20,7 +23,8 @@
 # shard's flush (module flush + turning rows into points), the host's peak
 # RSS, and whether every (customer, pop, bucket) point of the customer rollup
 # in VictoriaMetrics equals loadgen's total exactly (and the other rollups'
-# grand totals). A drained backlog measures what a consumer sustains: with
+# grand totals), and the CPU wagg, VictoriaMetrics and the broker each used
+# over the drain (cores: CPU seconds / wall seconds). A drained backlog measures what a consumer sustains: with
 # the publisher competing for the same 2 cores, every figure would be lower.
 #
 # Needs RabbitMQ on 127.0.0.1:5672 (consistent-hash plugin not needed) and
@@ -41,6 +45,11 @@ ceiling=${CEILING:-$here/target/release/broker-ceiling}
 for b in "$wagg" "$ceiling"; do
     [ -x "$b" ] || { echo "e2e: build first: cargo build --release -p wagg -p wagg-benches" >&2; exit 1; }
 done
+
+case ${SINK:-opentsdb} in
+    opentsdb|file) ;;
+    *) echo "e2e: unknown SINK $SINK (opentsdb, file)" >&2; exit 2 ;;
+esac
 
 tag=wagg-e2e-$$
 vm_http=127.0.0.1:${E2E_VM_HTTP:-18628}
@@ -73,8 +82,17 @@ trap 'exit 130' INT TERM
 /usr/bin/victoria-metrics -storageDataPath="$out/vm" -httpListenAddr="$vm_http" \
     -opentsdbHTTPListenAddr="$vm_tsdb" -retentionPeriod=100y -search.disableCache \
     > "$out/vm.log" 2>&1 &
-pids+=($!)
+vm_pid=$!
+pids+=($vm_pid)
 until curl -sf "http://$vm_http/health" >/dev/null; do sleep 0.2; done
+
+sink_config() { # phase dir → the [sink] section
+    case ${SINK:-opentsdb} in
+        opentsdb) printf '[sink]\nkind = "opentsdb"\nurl = "http://%s"\n%s\n%s\n' "$vm_tsdb" \
+            "${REQUESTS_IN_FLIGHT:+requests_in_flight = $REQUESTS_IN_FLIGHT}" "${GZIP:+gzip = $GZIP}" ;;
+        file) printf '[sink]\nkind = "file"\npath = "%s/points.jsonl"\n' "$1" ;;
+    esac
+}
 
 config() { # phase shards → $out/$phase/wagg.toml
     local phase=$1 shards=$2 name=$tag-$1
@@ -94,11 +112,7 @@ exchange = "$name.x"
 queue = "$name.q"
 dead_letter_exchange = "$name.dlx"
 dead_letter_queue = "$name.dlq"
-[sink]
-kind = "opentsdb"
-url = "http://$vm_tsdb"
-${REQUESTS_IN_FLIGHT:+requests_in_flight = $REQUESTS_IN_FLIGHT}
-${GZIP:+gzip = $GZIP}
+$(sink_config "$out/$phase")
 [admin]
 listen = "$admin"
 token = "e2e"
@@ -146,6 +160,7 @@ phase_wagg() { # phase shards shadow(yes/no)
     if [ "$shadow" = yes ]; then
         "$wagg" shadow btree@builtin --admin "http://$admin" --token e2e > "$dir/shadow.txt" 2>&1
     fi
+    drain_pids=("wagg=$pid" "victoria-metrics=$vm_pid" "broker=$(pgrep -o beam.smp || echo 0)")
     wagg_drain "$admin" "$q" "$messages"
     local first=$drain_first last=$drain_last
     # Let the idle flush write the last buckets, then read everything back.
@@ -160,16 +175,20 @@ phase_wagg() { # phase shards shadow(yes/no)
     local rss
     rss=$(peak_rss_mib "$pid")
     kill -TERM "$pid"; wait "$pid" || true
-    curl -s "http://$vm_http/internal/force_flush" >/dev/null
-    curl -s "http://$vm_http/api/v1/export" -d "match[]={__name__=\"e2e.$phase\"}" > "$dir/export.jsonl"
+    local points=$dir/points.jsonl
+    if [ "${SINK:-opentsdb}" = opentsdb ]; then
+        curl -s "http://$vm_http/internal/force_flush" >/dev/null
+        points=$dir/export.jsonl
+        curl -s "http://$vm_http/api/v1/export" -d "match[]={__name__=\"e2e.$phase\"}" > "$points"
+    fi
     local exact
-    exact=$(python3 "$here/benches/exact.py" "$dir/totals.json" "$dir/export.jsonl")
+    exact=$(python3 "$here/benches/exact.py" "$dir/totals.json" "$points")
     local secs rate
     secs=$(echo "$last - $first" | bc -l)
     rate=$(echo "$messages / $secs" | bc -l)
-    printf '%-9s %8.0f msg/s %10.0f metrics/s %6.1f %% of ceiling  p99 (s): flush <= %s, sink write <= %s, checkpoint <= %s  peak RSS %.0f MiB  %s\n' \
+    printf '%-9s %8.0f msg/s %10.0f metrics/s %6.1f %% of ceiling  p99 (s): flush <= %s, sink write <= %s, checkpoint <= %s  peak RSS %.0f MiB  %s  cores: %s\n' \
         "$phase" "$rate" "$(echo "$rate * 100" | bc -l)" "$(echo "100 * $rate / $ceiling_rate" | bc -l)" \
-        "$flush_p99" "$write_p99" "$checkpoint_p99" "$rss" "$exact" | tee -a "$out/results.txt"
+        "$flush_p99" "$write_p99" "$checkpoint_p99" "$rss" "$exact" "$drain_cpu" | tee -a "$out/results.txt"
 }
 
 echo "e2e: $messages messages of 100 metrics per phase; output in $out"
