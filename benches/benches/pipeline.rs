@@ -110,6 +110,57 @@ fn route(c: &mut Criterion) {
         })
     });
     group.finish();
+    intern_live(c);
+}
+
+/// Interning against a dictionary of many live series, in batches of
+/// samples of series spread over all of them: unlike a few messages' keys,
+/// the table and the keys are not in cache, as in a host at that scale.
+fn intern_live(c: &mut Criterion) {
+    const BATCH: usize = 300;
+    let bucket = 1_764_133_200;
+    let mut group = c.benchmark_group("dictionary/intern");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for live in [1_000usize, 100_000] {
+        let key = |i: usize| {
+            format!(
+                "\x02{}\0zone-{}.example.com\0www{}.zone-{}.example.com\0A\0pop{:02}\0",
+                i % 5000,
+                i % 977,
+                i,
+                i % 977,
+                i % 25
+            )
+            .into_bytes()
+        };
+        let mut dict = Dictionary::new();
+        for i in 0..live {
+            dict.intern(&key(i), bucket);
+        }
+        // Batches of keys in a scattered order (a multiplicative step),
+        // three times as many samples as series between them.
+        let batches: Vec<KeyBatch> = (0..1024)
+            .map(|b| {
+                let mut batch = KeyBatch::with_capacity(BATCH);
+                for j in 0..BATCH {
+                    let i = (b * BATCH + j).wrapping_mul(2_654_435_761) % live;
+                    batch.push_raw(&key(i), bucket, 1.0);
+                }
+                batch
+            })
+            .collect();
+        let mut k = 0;
+        group.bench_function(criterion::BenchmarkId::new("live", live), |b| {
+            b.iter(|| {
+                k = (k + 1) % batches.len();
+                let batch = &batches[k];
+                for s in batch.samples() {
+                    black_box(dict.intern(batch.key(s), bucket));
+                }
+            })
+        });
+    }
+    group.finish();
 }
 
 fn encode(c: &mut Criterion) {
