@@ -160,6 +160,30 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_id_is_named_by_its_row_and_ends_the_lookups() {
+        let mut aggs = one_row(7, 0);
+        for series in [3, 9, 5] {
+            aggs.series.push(series);
+            aggs.bucket_start.push(60);
+            aggs.count.push(1);
+            aggs.sum.push(1.0);
+            aggs.min.push(1.0);
+            aggs.max.push(1.0);
+        }
+        let asked = std::cell::RefCell::new(Vec::new());
+        let known = |id| {
+            asked.borrow_mut().push(id);
+            id != 9
+        };
+        let err = check("flush", &aggs, &RULES, &known).expect_err("9 is unknown");
+        assert!(
+            err.to_string().contains("row 2: unknown series id 9"),
+            "{err}"
+        );
+        assert_eq!(asked.into_inner(), [7, 3, 9]);
+    }
+
+    #[test]
     fn refuses_each_kind_of_bad_output() {
         type Case<'a> = (Aggregates, &'a dyn Fn(u64) -> bool, &'a str);
         let cases: Vec<Case> = vec![
