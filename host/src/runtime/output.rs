@@ -127,6 +127,16 @@ mod tests {
         }
     }
 
+    /// `aggs` with one more valid row.
+    fn push_row(aggs: &mut Aggregates, series: u64, bucket: u64) {
+        aggs.series.push(series);
+        aggs.bucket_start.push(bucket);
+        aggs.count.push(1);
+        aggs.sum.push(1.0);
+        aggs.min.push(1.0);
+        aggs.max.push(1.0);
+    }
+
     const RULES: OutputRules = OutputRules {
         bucket_seconds: 60,
         max_rows: 10,
@@ -143,12 +153,7 @@ mod tests {
         // The shard relies on it to collect each row's key as it is checked.
         let mut aggs = one_row(7, 0);
         for (series, bucket) in [(3, 60), (7, 60), (5, 0)] {
-            aggs.series.push(series);
-            aggs.bucket_start.push(bucket);
-            aggs.count.push(1);
-            aggs.sum.push(1.0);
-            aggs.min.push(1.0);
-            aggs.max.push(1.0);
+            push_row(&mut aggs, series, bucket);
         }
         let asked = std::cell::RefCell::new(Vec::new());
         let known = |id| {
@@ -163,12 +168,7 @@ mod tests {
     fn an_unknown_id_is_named_by_its_row_and_ends_the_lookups() {
         let mut aggs = one_row(7, 0);
         for series in [3, 9, 5] {
-            aggs.series.push(series);
-            aggs.bucket_start.push(60);
-            aggs.count.push(1);
-            aggs.sum.push(1.0);
-            aggs.min.push(1.0);
-            aggs.max.push(1.0);
+            push_row(&mut aggs, series, 60);
         }
         let asked = std::cell::RefCell::new(Vec::new());
         let known = |id| {
@@ -229,12 +229,7 @@ mod tests {
             (
                 {
                     let mut a = one_row(7, 60);
-                    a.series.push(7);
-                    a.bucket_start.push(60);
-                    a.count.push(1);
-                    a.sum.push(1.0);
-                    a.min.push(1.0);
-                    a.max.push(1.0);
+                    push_row(&mut a, 7, 60);
                     a
                 },
                 &|_| true,
