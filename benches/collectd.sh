@@ -118,7 +118,8 @@ trap 'exit 130' INT TERM
 /usr/bin/victoria-metrics -storageDataPath="$out/vm" -httpListenAddr="$vm_http" \
     -opentsdbHTTPListenAddr="$vm_tsdb_http" -opentsdbListenAddr="127.0.0.1:$vm_telnet_port" \
     -retentionPeriod=100y -search.disableCache > "$out/vm.log" 2>&1 &
-pids+=($!)
+vm_pid=$!
+pids+=($vm_pid)
 until curl -sf "http://$vm_http/health" >/dev/null; do sleep 0.2; done
 
 telnet_rows() { # samples VictoriaMetrics took over the telnet protocol (collectd's)
@@ -178,6 +179,7 @@ EOF
     local pid=$!
     pids+=($pid)
     until curl -sf "http://$admin/readyz" >/dev/null; do sleep 0.05; done
+    drain_pids=("wagg=$pid" "victoria-metrics=$vm_pid" "broker=$(pgrep -o beam.smp || echo 0)")
     wagg_drain "$admin" "$name.q" "$messages"
     local first=$drain_first last=$drain_last
     # Let the idle flush write the last buckets, noting when the last point
@@ -193,9 +195,9 @@ EOF
     local exact
     exact=$(python3 "$here/benches/exact.py" "$dir/totals.json" "$dir/export.jsonl")
     wagg_rate=$(echo "$metrics / ($last - $first)" | bc -l)
-    report "$(printf '%-22s %9.0f metrics/s  %6.2f s  peak RSS %5s MiB  %s; last point written %.1f s after the last ack (idle flush: 3 s)' \
+    report "$(printf '%-22s %9.0f metrics/s  %6.2f s  peak RSS %5s MiB  %s; last point written %.1f s after the last ack (idle flush: 3 s); cores: %s' \
         "wagg (2 shards)" "$wagg_rate" "$(echo "$last - $first" | bc -l)" "$wagg_rss" "$exact" \
-        "$(echo "$written_at - $last" | bc -l)")"
+        "$(echo "$written_at - $last" | bc -l)" "$drain_cpu")"
 }
 
 # --- collectd ----------------------------------------------------------------
