@@ -179,7 +179,7 @@ EOF
     local pid=$!
     pids+=($pid)
     until curl -sf "http://$admin/readyz" >/dev/null; do sleep 0.05; done
-    drain_pids=("wagg=$pid" "victoria-metrics=$vm_pid" "broker=$(pgrep -o beam.smp || echo 0)")
+    measure_cpu_of "$pid" "$vm_pid"
     wagg_drain "$admin" "$name.q" "$messages"
     local first=$drain_first last=$drain_last
     # Let the idle flush write the last buckets, noting when the last point

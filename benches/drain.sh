@@ -15,11 +15,15 @@ cpu_ticks() { # pid: user + system CPU time so far, in clock ticks (0 if gone)
     awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
 }
 
-# Pids whose CPU wagg_drain measures over the drain: set before calling it,
-# as "name=pid" words. wagg_drain sets drain_cpu to "name cores ..." (the
-# CPU each used between the first message taken and the last acked, in
-# cores: CPU seconds / wall seconds).
+# Pids whose CPU wagg_drain measures over the drain, as "name=pid" words.
+# wagg_drain sets drain_cpu to "name cores ..." (the CPU each used between
+# the first message taken and the last acked, in cores: CPU seconds / wall
+# seconds).
 drain_pids=() drain_cpu=
+
+measure_cpu_of() { # wagg_pid vm_pid: wagg, VictoriaMetrics and the broker
+    drain_pids=("wagg=$1" "victoria-metrics=$2" "broker=$(pgrep -o beam.smp || echo 0)")
+}
 
 peak_rss_mib() { # pid: the process's peak resident set (VmHWM), MiB
     awk '$1 == "VmHWM:" { printf "%.0f", $2 / 1024 }' "/proc/$1/status"

@@ -24,8 +24,9 @@
 # RSS, and whether every (customer, pop, bucket) point of the customer rollup
 # in VictoriaMetrics equals loadgen's total exactly (and the other rollups'
 # grand totals), and the CPU wagg, VictoriaMetrics and the broker each used
-# over the drain (cores: CPU seconds / wall seconds). A drained backlog measures what a consumer sustains: with
-# the publisher competing for the same 2 cores, every figure would be lower.
+# over the drain (cores: CPU seconds / wall seconds). A drained backlog
+# measures what a consumer sustains: with the publisher competing for the
+# same 2 cores, every figure would be lower.
 #
 # Needs RabbitMQ on 127.0.0.1:5672 (consistent-hash plugin not needed) and
 # VictoriaMetrics (tests/setup.sh installs both). Uses unique names; deletes
@@ -160,7 +161,7 @@ phase_wagg() { # phase shards shadow(yes/no)
     if [ "$shadow" = yes ]; then
         "$wagg" shadow btree@builtin --admin "http://$admin" --token e2e > "$dir/shadow.txt" 2>&1
     fi
-    drain_pids=("wagg=$pid" "victoria-metrics=$vm_pid" "broker=$(pgrep -o beam.smp || echo 0)")
+    measure_cpu_of "$pid" "$vm_pid"
     wagg_drain "$admin" "$q" "$messages"
     local first=$drain_first last=$drain_last
     # Let the idle flush write the last buckets, then read everything back.
