@@ -155,6 +155,38 @@ impl LiveShard {
         rx.blocking_recv().expect("the shard replies")
     }
 
+    /// Hot-swaps to `to` with traffic behind the swap: `batches` puts of
+    /// 1024 samples into series `0..series` at `bucket` are queued right after
+    /// the swap command, so the old module runs them while the new instance
+    /// is built, and the new one replays them.
+    ///
+    /// # Errors
+    ///
+    /// The shard's refusal; the old module then keeps running.
+    pub fn swap_while_putting(
+        &self,
+        to: &Arc<LoadedModule>,
+        batches: u64,
+        series: u64,
+        bucket: u64,
+    ) -> Result<SwapReport, InstanceError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Swap {
+            to: Assignment::plain(to.clone()),
+            fallback: self.fallback.clone(),
+            reply: tx,
+        });
+        for b in 0..batches {
+            let mut batch = KeyBatch::with_capacity(PUT_BATCH as usize);
+            for j in b * PUT_BATCH..(b + 1) * PUT_BATCH {
+                let i = j % series;
+                batch.push_raw(&series_key(i), bucket + i % u64::from(BUCKET_SECONDS), 1.0);
+            }
+            self.send(Command::Put(batch));
+        }
+        rx.blocking_recv().expect("the shard replies")
+    }
+
     /// Stops the shard and waits for its thread.
     pub fn stop(mut self) {
         if let Some(h) = self.handle.take() {

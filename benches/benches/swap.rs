@@ -1,6 +1,7 @@
 //! Hot-swap pause: what a shard's data path stands still for while it moves
 //! its open buckets to another module (`Command::Swap`: the old instance
-//! exports, a new one instantiates and merges, then replaces it).
+//! exports; a new one instantiates and merges on a builder thread, replays
+//! what the old one did meanwhile, then replaces it).
 //!
 //! `cargo bench -p wagg-benches --bench swap`
 //!

@@ -10,15 +10,21 @@
 //! `live` open rows swaps from hashmap to the other module `SWAPS` times,
 //! swapping back untimed in between. "pause" is the shard's
 //! [`SwapReport::pause`](wagg::shard::SwapReport) (what
-//! `wagg_swap_pause_seconds` observes); "round trip" is from sending the
-//! command to its reply, which adds the channel, a thread wake-up and the
-//! swap's telemetry.
+//! `wagg_swap_pause_seconds` observes: the export, and the replay of what
+//! the old module did during the build); "build" is
+//! [`SwapReport::build`](wagg::shard::SwapReport), off the shard thread;
+//! "round trip" is from sending the command to its reply, which adds the
+//! build, the channel, thread wake-ups and the swap's telemetry. Rows
+//! "while putting": each timed swap has 8 puts of 1024 samples queued
+//! behind it, which the old module runs during the build and the new one
+//! replays ("replayed" is their mean count per swap).
 //!
 //! Table 2: the same calls the swap makes, timed one by one on bare
 //! instances (median of up to 50): `export-state` from hashmap (with the
-//! host's output check against a dictionary of the same keys),
-//! instantiate+configure of the new module, its `merge`, and dropping the
-//! old instance (unmapping its linear memory).
+//! host's output check against a dictionary of the same keys), on the
+//! shard thread; instantiate+configure of the new module and its `merge`,
+//! on the builder thread; and dropping the old instance (unmapping its
+//! linear memory), on a thread of its own.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +40,8 @@ const LIVE: [u64; 3] = [1_000, 10_000, 100_000];
 const WARM_UP: usize = 5;
 /// Most repetitions of the breakdown.
 const BREAKDOWN_REPS: usize = 50;
+/// Puts of 1024 samples queued behind a swap "while putting".
+const PUTS_BEHIND: u64 = 8;
 
 fn main() {
     let swaps: usize = std::env::args()
@@ -48,37 +56,53 @@ fn main() {
 
     println!();
     println!(
-        "| swap | live series | swaps | pause p50 | pause p99 | pause max | pause mean | round trip p99 |"
+        "| swap | live series | traffic | swaps | pause p50 | pause p99 | pause max | pause mean | build p50 | replayed | round trip p99 |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, to) in pairs {
         for live in LIVE {
-            let shard = LiveShard::start(&rt, &hashmap, &hashmap);
-            shard.fill(live, T0);
-            for _ in 0..WARM_UP {
-                shard.swap(to).expect("the swap succeeds");
-                shard.swap(&hashmap).expect("the swap back succeeds");
+            for putting in [false, true] {
+                let shard = LiveShard::start(&rt, &hashmap, &hashmap);
+                shard.fill(live, T0);
+                let swap = |to| {
+                    if putting {
+                        shard.swap_while_putting(to, PUTS_BEHIND, live, T0)
+                    } else {
+                        shard.swap(to)
+                    }
+                };
+                for _ in 0..WARM_UP {
+                    swap(to).expect("the swap succeeds");
+                    shard.swap(&hashmap).expect("the swap back succeeds");
+                }
+                let mut pauses = Vec::with_capacity(swaps);
+                let mut builds = Vec::with_capacity(swaps);
+                let mut trips = Vec::with_capacity(swaps);
+                let mut replayed = 0;
+                for _ in 0..swaps {
+                    let sent = Instant::now();
+                    let report = swap(to).expect("the swap succeeds");
+                    trips.push(sent.elapsed());
+                    assert_eq!(report.rows as u64, live, "every open row is carried over");
+                    pauses.push(report.pause);
+                    builds.push(report.build);
+                    replayed += report.replayed;
+                    shard.swap(&hashmap).expect("the swap back succeeds");
+                }
+                shard.stop();
+                let mean = pauses.iter().sum::<Duration>() / swaps as u32;
+                println!(
+                    "| hashmap→{name} | {live} | {} | {swaps} | {} | {} | {} | {} | {} | {:.1} | {} |",
+                    if putting { "while putting" } else { "none" },
+                    ms(percentile(&mut pauses, 0.50)),
+                    ms(percentile(&mut pauses, 0.99)),
+                    ms(percentile(&mut pauses, 1.0)),
+                    ms(mean),
+                    ms(percentile(&mut builds, 0.50)),
+                    replayed as f64 / swaps as f64,
+                    ms(percentile(&mut trips, 0.99)),
+                );
             }
-            let mut pauses = Vec::with_capacity(swaps);
-            let mut trips = Vec::with_capacity(swaps);
-            for _ in 0..swaps {
-                let sent = Instant::now();
-                let report = shard.swap(to).expect("the swap succeeds");
-                trips.push(sent.elapsed());
-                assert_eq!(report.rows as u64, live, "every open row is carried over");
-                pauses.push(report.pause);
-                shard.swap(&hashmap).expect("the swap back succeeds");
-            }
-            shard.stop();
-            let mean = pauses.iter().sum::<Duration>() / swaps as u32;
-            println!(
-                "| hashmap→{name} | {live} | {swaps} | {} | {} | {} | {} | {} |",
-                ms(percentile(&mut pauses, 0.50)),
-                ms(percentile(&mut pauses, 0.99)),
-                ms(percentile(&mut pauses, 1.0)),
-                ms(mean),
-                ms(percentile(&mut trips, 0.99)),
-            );
         }
     }
 
@@ -86,7 +110,7 @@ fn main() {
     println!("Breakdown, medians of {} (ms):", swaps.min(BREAKDOWN_REPS));
     println!();
     println!(
-        "| swap | live series | export-state | instantiate+configure | merge | drop old | sum |"
+        "| swap | live series | export-state (shard) | instantiate+configure (builder) | merge (builder) | drop old (own thread) | sum |"
     );
     println!("|---|---|---|---|---|---|---|");
     for (name, to) in pairs {

@@ -14,9 +14,11 @@ pub mod outbox;
 pub mod shadow;
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -127,7 +129,16 @@ pub enum Command {
         /// The outcome; on an error the old module keeps running.
         reply: oneshot::Sender<Result<SwapReport, InstanceError>>,
     },
+    /// A hot swap's new instance is ready. Only the shard's own builder
+    /// thread can send this (see [`SwapBuilt`]).
+    SwapBuilt(SwapBuilt),
 }
+
+/// The wake-up a shard's swap builder sends once the new instance is built.
+/// It has no public constructor: nothing else can make a shard take over an
+/// instance.
+#[derive(Debug)]
+pub struct SwapBuilt(());
 
 /// A module and the options it is configured with.
 #[derive(Debug, Clone)]
@@ -170,8 +181,15 @@ impl Assignment {
 pub struct SwapReport {
     /// Open (series, bucket) rows carried over.
     pub rows: usize,
-    /// Time the shard stood still: export, instantiate, merge.
-    pub pause: std::time::Duration,
+    /// Time the shard stood still: the old module's export, then the
+    /// replay into the new instance of what the old one did meanwhile.
+    pub pause: Duration,
+    /// Time the new instance took to build (instantiate and merge the
+    /// export), off the shard thread while the old module kept running.
+    pub build: Duration,
+    /// Puts and flushes the old module ran during the build, replayed into
+    /// the new instance before it took over.
+    pub replayed: usize,
 }
 
 /// Something a shard reports about its module, as it happens.
@@ -310,6 +328,7 @@ impl ShardHandle {
         restore: Vec<StateRow>,
     ) -> Result<Self, InstanceError> {
         let counters = Arc::new(ShardCounters::default());
+        let (tx, rx) = mpsc::channel(QUEUE);
         let mut shard = Shard {
             instance: None,
             current: spec.assignment.clone(),
@@ -323,6 +342,9 @@ impl ShardHandle {
             shadow_fed: false,
             queue_depth: 0,
             batches_seen: 0,
+            pending_swap: None,
+            deferred_swaps: VecDeque::new(),
+            wake: tx.downgrade(),
             shape: PointShape::new(&spec.router),
             spec,
             runtime,
@@ -330,7 +352,6 @@ impl ShardHandle {
             counters: counters.clone(),
         };
         shard.rebuild()?;
-        let (tx, rx) = mpsc::channel(QUEUE);
         let thread = std::thread::Builder::new()
             .name(format!("wagg-shard-{}", shard.spec.index))
             .spawn(move || shard.run(rx))
@@ -413,8 +434,42 @@ struct Shard {
     queue_depth: usize,
     /// Batches put, to alternate which module puts first.
     batches_seen: u64,
+    /// A hot swap whose new instance is being built off this thread.
+    pending_swap: Option<PendingSwap>,
+    /// Swaps asked for while one was pending, started in order after it.
+    deferred_swaps: VecDeque<SwapRequest>,
+    /// The shard's own queue, for its swap builder's wake-up. Weak, so that
+    /// the shard still stops when its handle is dropped.
+    wake: mpsc::WeakSender<Command>,
     /// The metric name and tag layouts of the points it flushes.
     shape: PointShape,
+}
+
+/// A `Command::Swap`, as the shard holds it until it can start.
+struct SwapRequest {
+    to: Assignment,
+    fallback: Assignment,
+    reply: oneshot::Sender<Result<SwapReport, InstanceError>>,
+}
+
+/// A hot swap waiting for its new instance.
+///
+/// Building the new instance (instantiate, then merge every open bucket) is
+/// most of a swap's cost and grows with the open state: 10–40 ms at 100 000
+/// rows (BENCHMARKS.md, session 8). A builder thread does it from the old
+/// module's export while the shard keeps putting and flushing with the old
+/// module; what the old module did meanwhile is kept in `since` and
+/// replayed into the new instance before it takes over, so the shard stands
+/// still only for the export and that replay.
+struct PendingSwap {
+    request: SwapRequest,
+    rows: usize,
+    /// How long the export stood the shard still.
+    export: Duration,
+    /// Puts and flushes since the export, in order.
+    since: Vec<Logged>,
+    /// The new instance, and how long it took to build.
+    builder: JoinHandle<Result<(Instance, Duration), InstanceError>>,
 }
 
 /// Queue depth beyond which the shadow skips batches instead of slowing the
@@ -459,17 +514,20 @@ impl Shard {
                     fallback,
                     reply,
                 } => {
-                    let label = to.label.clone();
-                    let result = self.swap(to, fallback);
-                    if let Err(error) = &result {
-                        SwapFailed {
-                            shard: self.spec.index,
-                            module: &label,
-                            error,
-                        }
-                        .emit(&self.spec.metrics);
+                    let request = SwapRequest {
+                        to,
+                        fallback,
+                        reply,
+                    };
+                    if self.pending_swap.is_some() {
+                        self.deferred_swaps.push_back(request);
+                    } else {
+                        self.start_swap(request);
                     }
-                    let _ = reply.send(result);
+                    continue;
+                }
+                Command::SwapBuilt(SwapBuilt(())) => {
+                    self.finish_swap();
                     continue;
                 }
                 cmd => cmd,
@@ -497,6 +555,11 @@ impl Shard {
             };
             self.finish(cmd, outcome);
         }
+        // Stopping: finish the swaps asked for, so no builder thread
+        // outlives the shard and every requester gets its answer.
+        while self.pending_swap.is_some() {
+            self.finish_swap();
+        }
     }
 
     /// Runs one command against the module. Effects that must happen once
@@ -508,7 +571,10 @@ impl Shard {
             Command::Flush(watermark) => self.flush(*watermark).map(Outcome::Flushed),
             Command::Snapshot(_) => self.export().map(Outcome::Rows),
             Command::Stats(_) => self.instance()?.stats().map(Outcome::Stats),
-            Command::Swap { .. } | Command::Shadow { .. } | Command::ShadowReport(_) => {
+            Command::Swap { .. }
+            | Command::SwapBuilt(_)
+            | Command::Shadow { .. }
+            | Command::ShadowReport(_) => {
                 unreachable!("handled in `run`")
             }
         }
@@ -517,7 +583,12 @@ impl Shard {
     fn finish(&mut self, cmd: Command, outcome: Outcome) {
         match (cmd, outcome) {
             // `self.batch` holds what the command's successful run put.
-            (Command::Put(_), Outcome::Put) => self.log.push(Logged::Put(self.batch.clone())),
+            (Command::Put(_), Outcome::Put) => {
+                if let Some(swap) = &mut self.pending_swap {
+                    swap.since.push(Logged::Put(self.batch.clone()));
+                }
+                self.log.push(Logged::Put(self.batch.clone()));
+            }
             (Command::Flush(watermark), Outcome::Flushed(points)) => {
                 PointsFlushed {
                     shard: self.spec.index,
@@ -526,13 +597,21 @@ impl Shard {
                 }
                 .emit(&self.spec.metrics, &self.counters);
                 self.outbox.flushed(points);
+                if let Some(swap) = &mut self.pending_swap {
+                    swap.since.push(Logged::Flush(watermark));
+                }
                 self.log.push(Logged::Flush(watermark));
                 self.forget_at = Some(watermark);
             }
             (Command::Snapshot(reply), Outcome::Rows(rows)) => {
                 self.base = Arc::new(rows);
                 self.log.clear();
-                if let Some(watermark) = self.forget_at.take() {
+                // A pending swap's export and `since` hold ids that must
+                // stay known until its replay: forgetting waits for the
+                // first snapshot after it.
+                if self.pending_swap.is_none()
+                    && let Some(watermark) = self.forget_at.take()
+                {
                     self.forget(watermark);
                 }
                 let _ = reply.send(self.base.clone());
@@ -811,45 +890,134 @@ impl Shard {
         }
     }
 
-    /// Hot swap: the running module exports its open buckets, a new instance
-    /// of `to` merges them, and only then replaces the old one. If anything
-    /// fails on the new side, the old instance keeps running untouched; if
-    /// the old module fails to export, it is rebuilt from the last snapshot
-    /// and the log (as after any failure) and the new module merges that.
-    fn swap(&mut self, to: Assignment, fallback: Assignment) -> Result<SwapReport, InstanceError> {
-        let started = std::time::Instant::now();
+    /// Starts a hot swap: the running module exports its open buckets, and
+    /// a builder thread makes a new instance of `to` that merges them (see
+    /// [`PendingSwap`]); [`Shard::finish_swap`] completes it. If the old
+    /// module fails to export, it is rebuilt from the last snapshot and the
+    /// log (as after any failure) and the new module merges that.
+    fn start_swap(&mut self, request: SwapRequest) {
+        let started = Instant::now();
         let state = match self.export_ids() {
             Ok(state) => state,
-            Err(err) => {
-                self.recover(&err, 1)?;
-                self.export_ids()?
+            Err(err) => match self.recover(&err, 1).and_then(|()| self.export_ids()) {
+                Ok(state) => state,
+                Err(err) => return self.swap_failed(request, err),
+            },
+        };
+        let export = started.elapsed();
+        let rows = state.len();
+        let runtime = self.runtime.clone();
+        let module = request.to.module.clone();
+        let options = request.to.options.clone();
+        let bucket_seconds = self.spec.bucket_seconds;
+        let wake = self.wake.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("wagg-swap-{}", self.spec.index))
+            .spawn(move || {
+                let started = Instant::now();
+                let built = runtime
+                    .instantiate(&module, bucket_seconds, &options)
+                    .and_then(|mut next| next.merge(&state).map(|()| next))
+                    .map(|next| (next, started.elapsed()));
+                // The send waits while the shard's queue is full; the shard
+                // drains it meanwhile. If the shard is stopping, it joins
+                // this thread instead.
+                if let Some(tx) = wake.upgrade() {
+                    let _ = tx.blocking_send(Command::SwapBuilt(SwapBuilt(())));
+                }
+                built
+            });
+        match spawned {
+            Ok(builder) => {
+                self.pending_swap = Some(PendingSwap {
+                    request,
+                    rows,
+                    export,
+                    since: Vec::new(),
+                    builder,
+                });
             }
+            Err(e) => self.swap_failed(
+                request,
+                InstanceError::Poisoned(format!("cannot start the swap's builder thread: {e}")),
+            ),
+        }
+    }
+
+    /// Completes the pending swap once its instance is built: replays what
+    /// the old module did meanwhile into the new one, which then takes over.
+    /// If the build or the replay failed, the old module keeps running.
+    /// Starts the next swap asked for, if any.
+    fn finish_swap(&mut self) {
+        let Some(swap) = self.pending_swap.take() else {
+            return;
         };
-        let mut next =
-            self.runtime
-                .instantiate(&to.module, self.spec.bucket_seconds, &to.options)?;
-        next.merge(&state)?;
-        self.instance = Some(next);
-        let from = std::mem::replace(&mut self.current, to);
-        self.spec.fallback = fallback;
-        let report = SwapReport {
-            rows: state.len(),
-            pause: started.elapsed(),
-        };
-        ShardSwapped {
+        let built = swap.builder.join().unwrap_or_else(|_| {
+            Err(InstanceError::Poisoned(
+                "the swap's builder thread panicked".into(),
+            ))
+        });
+        let resumed = Instant::now();
+        let replayed = built.and_then(|(mut next, build)| {
+            self.replay_into(&mut next, &swap.since)?;
+            Ok((next, build))
+        });
+        let request = swap.request;
+        match replayed {
+            Ok((next, build)) => {
+                let old = self.instance.replace(next);
+                let from = std::mem::replace(&mut self.current, request.to);
+                self.spec.fallback = request.fallback;
+                let report = SwapReport {
+                    rows: swap.rows,
+                    pause: swap.export + resumed.elapsed(),
+                    build,
+                    replayed: swap.since.len(),
+                };
+                ShardSwapped {
+                    shard: self.spec.index,
+                    from: &from.label,
+                    to: &self.current.label,
+                    rows: report.rows,
+                    pause: report.pause,
+                    build: report.build,
+                    replayed: report.replayed,
+                }
+                .emit(&self.spec.metrics);
+                let _ = self.spec.events.send(ShardEvent::Swapped {
+                    shard: self.spec.index,
+                    module: self.current.module.id().to_string(),
+                    report,
+                });
+                let _ = request.reply.send(Ok(report));
+                retire(old);
+            }
+            Err(err) => self.swap_failed(request, err),
+        }
+        if let Some(next) = self.deferred_swaps.pop_front() {
+            self.start_swap(next);
+        }
+    }
+
+    /// Runs on a swap's new instance what the old module did during the
+    /// build. The old module's flushes already reached the outbox; replaying
+    /// them only removes their buckets, and their output is dropped.
+    fn replay_into(&self, next: &mut Instance, since: &[Logged]) -> Result<(), InstanceError> {
+        let dict = &self.dict;
+        since.iter().try_for_each(|entry| match entry {
+            Logged::Put(batch) => next.put(batch).map(drop),
+            Logged::Flush(watermark) => next.flush(*watermark, &|id| dict.contains(id)).map(drop),
+        })
+    }
+
+    fn swap_failed(&self, request: SwapRequest, error: InstanceError) {
+        SwapFailed {
             shard: self.spec.index,
-            from: &from.label,
-            to: &self.current.label,
-            rows: report.rows,
-            pause: report.pause,
+            module: &request.to.label,
+            error: &error,
         }
         .emit(&self.spec.metrics);
-        let _ = self.spec.events.send(ShardEvent::Swapped {
-            shard: self.spec.index,
-            module: self.current.module.id().to_string(),
-            report,
-        });
-        Ok(report)
+        let _ = request.reply.send(Err(error));
     }
 
     fn export_ids(&mut self) -> Result<Aggregates, InstanceError> {
@@ -897,6 +1065,19 @@ impl Shard {
         self.replaying = false;
         self.log = log;
         replayed
+    }
+}
+
+/// Drops a swapped-out instance off the shard thread: unmapping a large
+/// linear memory took ~1 ms at 100 000 open rows (`swap-pause`).
+fn retire(old: Option<Instance>) {
+    let Some(old) = old else { return };
+    if let Err(e) = std::thread::Builder::new()
+        .name("wagg-retire".into())
+        .spawn(move || drop(old))
+    {
+        // The closure, and the instance with it, is dropped here instead.
+        tracing::debug!(error = %e, "dropping a swapped-out instance on the shard thread");
     }
 }
 

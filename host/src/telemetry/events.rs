@@ -573,8 +573,13 @@ pub struct ShardSwapped<'a> {
     pub to: &'a str,
     /// Open (series, bucket) rows carried over.
     pub rows: usize,
-    /// Time the shard stood still.
+    /// Time the shard stood still: the export, and the replay of what the
+    /// old module did while the new instance was built.
     pub pause: Duration,
+    /// Time the new instance took to build, off the shard thread.
+    pub build: Duration,
+    /// Commands replayed into the new instance.
+    pub replayed: usize,
 }
 
 impl ShardSwapped<'_> {
@@ -587,6 +592,8 @@ impl ShardSwapped<'_> {
             to = self.to,
             rows = self.rows,
             pause_us = self.pause.as_micros() as u64,
+            build_us = self.build.as_micros() as u64,
+            replayed = self.replayed,
             "Shard swapped modules."
         );
         let shard = shard_label(self.shard);

@@ -399,7 +399,7 @@ impl Metrics {
             swap_pause: histogram_vec(
                 &r,
                 "wagg_swap_pause_seconds",
-                "Time a shard stood still for a hot swap to this module (export, instantiate, merge), seconds.",
+                "Time a shard stood still for a hot swap to this module (the export, and replaying what the old module did while the new one was built), seconds.",
                 &LATENCY_BUCKETS,
                 MODULE_SHARD,
             ),
@@ -793,6 +793,8 @@ mod tests {
             to: "sorted@0.1.0",
             rows: 100,
             pause: Duration::from_micros(900),
+            build: Duration::from_micros(900),
+            replayed: 0,
         }
         .emit(m);
         SwapFailed {
@@ -1008,6 +1010,8 @@ mod tests {
             to: "btree@0.1.0",
             rows: 1,
             pause: Duration::from_micros(50),
+            build: Duration::from_micros(50),
+            replayed: 0,
         }
         .emit(&m);
         put("btree@0.1.0").emit(&m, &sc);
