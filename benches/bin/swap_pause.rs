@@ -20,11 +20,11 @@
 //! replays ("replayed" is their mean count per swap).
 //!
 //! Table 2: the same calls the swap makes, timed one by one on bare
-//! instances (median of up to 50): `export-state` from hashmap (with the
-//! host's output check against a dictionary of the same keys), on the
-//! shard thread; instantiate+configure of the new module and its `merge`,
-//! on the builder thread; and dropping the old instance (unmapping its
-//! linear memory), on a thread of its own.
+//! instances (median of up to 50): `export-state` from hashmap with its
+//! ids checked against a dictionary of the same keys, on the shard thread;
+//! the check of its rows, instantiate+configure of the new module and its
+//! `merge`, on the builder thread; and dropping the old instance
+//! (unmapping its linear memory), on a thread of its own.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -110,20 +110,16 @@ fn main() {
     println!("Breakdown, medians of {} (ms):", swaps.min(BREAKDOWN_REPS));
     println!();
     println!(
-        "| swap | live series | export-state (shard) | instantiate+configure (builder) | merge (builder) | drop old (own thread) | sum |"
+        "| swap | live series | export, ids checked (shard) | row check (builder) | instantiate+configure (builder) | merge (builder) | drop old (own thread) | sum |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (name, to) in pairs {
         for live in LIVE {
-            let [export, instantiate, merge, drop_old] =
-                breakdown(&rt, &hashmap, to, live, swaps.min(BREAKDOWN_REPS));
+            let steps = breakdown(&rt, &hashmap, to, live, swaps.min(BREAKDOWN_REPS));
             println!(
-                "| hashmap→{name} | {live} | {} | {} | {} | {} | {} |",
-                ms(export),
-                ms(instantiate),
-                ms(merge),
-                ms(drop_old),
-                ms(export + instantiate + merge + drop_old),
+                "| hashmap→{name} | {live} | {} | {} |",
+                steps.map(ms).join(" | "),
+                ms(steps.iter().sum()),
             );
         }
     }
@@ -131,7 +127,7 @@ fn main() {
     println!("load average at end: {}", load_average());
 }
 
-/// Medians of the swap's four steps, on bare instances: the old one is
+/// Medians of the swap's five steps, on bare instances: the old one is
 /// rebuilt by a merge before each repetition, as the untimed swap back
 /// leaves it in the loop above.
 fn breakdown(
@@ -140,7 +136,7 @@ fn breakdown(
     to: &Arc<LoadedModule>,
     live: u64,
     reps: usize,
-) -> [Duration; 4] {
+) -> [Duration; 5] {
     let mut dict = Dictionary::new();
     let mut batch = Batch::with_capacity(live as usize);
     for i in 0..live {
@@ -154,15 +150,17 @@ fn breakdown(
     first.put(&batch).expect("puts");
     let state = first.export_state(&known).expect("exports");
     drop(first);
-    let mut steps: [Vec<Duration>; 4] = Default::default();
+    let mut steps: [Vec<Duration>; 5] = Default::default();
     for _ in 0..reps {
         let mut old = rt
             .instantiate(from, BUCKET_SECONDS, &[])
             .expect("instantiates");
         old.merge(&state).expect("merges");
         let t0 = Instant::now();
-        let exported = old.export_state(&known).expect("exports");
+        let exported = old.export_ids_checked(&known).expect("exports");
         let t1 = Instant::now();
+        let exported = exported.check().expect("the rows pass");
+        let t1b = Instant::now();
         let mut new = rt
             .instantiate(to, BUCKET_SECONDS, &[])
             .expect("instantiates");
@@ -171,7 +169,8 @@ fn breakdown(
         let t3 = Instant::now();
         drop(old);
         let t4 = Instant::now();
-        for (step, d) in steps.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3]) {
+        let took = [t1 - t0, t1b - t1, t2 - t1b, t3 - t2, t4 - t3];
+        for (step, d) in steps.iter_mut().zip(took) {
             step.push(d);
         }
     }

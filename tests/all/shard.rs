@@ -239,3 +239,75 @@ async fn what_the_old_module_does_during_a_swaps_build_reaches_the_new_one_once(
     );
     shard.stop();
 }
+
+/// A swap checks the old module's export in two places: its ids on the
+/// shard thread, its rows on the builder thread. Rows that fail there are
+/// the old module's fault: it is rebuilt as after any failure and the swap
+/// tried once more from the rebuilt one; a module whose export stays bad
+/// fails the swap and keeps running, and loses nothing.
+#[tokio::test]
+async fn a_swap_from_a_module_whose_export_repeats_rows_fails_and_loses_nothing() {
+    let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
+    let misbehave = runtime.load(wagg_artifacts::MISBEHAVE.bytes).unwrap();
+    let hashmap = runtime.load(wagg_artifacts::HASHMAP.bytes).unwrap();
+    let (events, mut events_rx) = broadcast::channel(16);
+    let outbox = Outbox::new();
+    let spec = ShardSpec {
+        index: 0,
+        assignment: Assignment::new(
+            misbehave.clone(),
+            vec![("mode".into(), "double-export".into())],
+            "double-export@1",
+        ),
+        fallback: Assignment::plain(hashmap.clone()),
+        bucket_seconds: WIDTH as u32,
+        forget_after_buckets: 2,
+        router: Arc::new(RouterConfig::default()),
+        events,
+        metrics: Metrics::new(),
+    };
+    let shard = ShardHandle::start(spec, runtime, outbox.clone(), Vec::new()).unwrap();
+    put(&shard, 1, T0 + 5).await;
+    put(&shard, 2, T0 + 6).await;
+
+    let (reply, swapped) = oneshot::channel();
+    send(
+        &shard,
+        Command::Swap {
+            to: Assignment::plain(hashmap.clone()),
+            fallback: Assignment::plain(hashmap),
+            reply,
+        },
+    )
+    .await;
+    let err = tokio::time::timeout(PATIENCE, swapped)
+        .await
+        .expect("the shard replies")
+        .expect("the shard replies")
+        .expect_err("rows exported twice fail the swap");
+    assert!(err.to_string().contains("returned twice"), "{err}");
+    let rebuilds: Vec<_> = std::iter::from_fn(|| events_rx.try_recv().ok())
+        .filter_map(|e| match e {
+            ShardEvent::ModuleFailed {
+                module, fell_back, ..
+            } => Some((module, fell_back)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        rebuilds,
+        vec![(misbehave.id().to_string(), false); 2],
+        "the old module is rebuilt after each bad export, not replaced"
+    );
+    assert_eq!(stats(&shard).await.module, misbehave.id());
+
+    outbox.flush_sent();
+    send(&shard, Command::Flush(T0 + WIDTH)).await;
+    stats(&shard).await;
+    assert_eq!(
+        points(&outbox),
+        [("1".to_string(), T0, 1.0), ("2".to_string(), T0, 1.0)],
+        "the rebuilt module flushes every sample once"
+    );
+    shard.stop();
+}

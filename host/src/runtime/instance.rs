@@ -127,6 +127,39 @@ impl ResourceLimiter for Limiter {
     }
 }
 
+/// An export whose ids are checked and whose rows are not yet
+/// ([`Instance::export_ids_checked`]). The rows can only be had through
+/// [`Export::check`].
+#[derive(Debug)]
+#[must_use]
+pub struct Export {
+    aggs: Aggregates,
+    rules: OutputRules,
+}
+
+impl Export {
+    /// Rows exported.
+    pub fn len(&self) -> usize {
+        self.aggs.len()
+    }
+
+    /// Whether nothing was exported.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Finishes the output check ([`output::check_rows`]).
+    ///
+    /// # Errors
+    ///
+    /// [`InstanceError::BadOutput`] naming the first bad row: the exporting
+    /// module's fault.
+    pub fn check(self) -> Result<Aggregates, InstanceError> {
+        output::check_rows("export-state", &self.aggs, &self.rules)?;
+        Ok(self.aggs)
+    }
+}
+
 /// A module instance with its own store, memory limit and fuel.
 ///
 /// Each call gets a fresh CPU budget sized to its input. The first call that
@@ -298,6 +331,32 @@ impl Instance {
             watermark: None,
         };
         self.checked("export-state", aggs, &rules, known)
+    }
+
+    /// Exports every open bucket, like [`Instance::export_state`], but
+    /// checks only what needs `known` here; [`Export::check`] does the
+    /// rest, without the instance, on whatever thread will use the rows.
+    ///
+    /// # Errors
+    ///
+    /// Any [`InstanceError`]; the instance is poisoned afterwards.
+    pub fn export_ids_checked(
+        &mut self,
+        known: &dyn Fn(u64) -> bool,
+    ) -> Result<Export, InstanceError> {
+        let rows = self.open_rows_bound()?;
+        let aggs = self.call("export-state", rows, |b, s| {
+            b.wagg_aggregator_aggregator().call_export_state(s)
+        })?;
+        let rules = OutputRules {
+            bucket_seconds: self.bucket_seconds,
+            max_rows: self.limits.max_output_rows,
+            watermark: None,
+        };
+        match output::check_ids("export-state", &aggs, &rules, known) {
+            Ok(()) => Ok(Export { aggs, rules }),
+            Err(err) => Err(self.poison(err)),
+        }
     }
 
     /// Merges partial aggregates (another instance's export) into this one.

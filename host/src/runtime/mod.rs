@@ -17,7 +17,7 @@ pub mod output;
 pub use bindings::{AGGREGATOR_EXPORT, Aggregates, ExtraColumn};
 pub use engine::RuntimeLimits;
 pub use error::{InstanceError, LoadError};
-pub use instance::{Batch, Instance, ModuleStats};
+pub use instance::{Batch, Export, Instance, ModuleStats};
 pub use module::{LoadedModule, ModuleInfo, Runtime};
 
 /// The component bytes of a built-in strategy (`hashmap`, `btree`,

@@ -38,6 +38,22 @@ pub fn check(
     rules: &OutputRules,
     known: &dyn Fn(u64) -> bool,
 ) -> Result<(), InstanceError> {
+    check_ids(call, aggs, rules, known)?;
+    check_rows(call, aggs, rules)
+}
+
+/// The part of [`check`] that needs the host's dictionary: the row limit,
+/// the columns' lengths, and that every id is known.
+///
+/// # Errors
+///
+/// [`InstanceError::BadOutput`] naming the first problem found.
+pub fn check_ids(
+    call: &'static str,
+    aggs: &Aggregates,
+    rules: &OutputRules,
+    known: &dyn Fn(u64) -> bool,
+) -> Result<(), InstanceError> {
     let bad = |reason: String| Err(InstanceError::BadOutput { call, reason });
     let n = aggs.series.len();
     if n > rules.max_rows {
@@ -73,6 +89,23 @@ pub fn check(
     if let Some(i) = aggs.series.iter().position(|&series| !known(series)) {
         return bad(format!("row {i}: unknown series id {}", aggs.series[i]));
     }
+    Ok(())
+}
+
+/// The rest of [`check`], on rows whose columns [`check_ids`] accepted:
+/// aligned and (for a flush) complete buckets, counts, finite values, no
+/// row twice. It needs nothing but the rows, so it can run on any thread.
+///
+/// # Errors
+///
+/// [`InstanceError::BadOutput`] naming the first row that breaks a rule.
+pub fn check_rows(
+    call: &'static str,
+    aggs: &Aggregates,
+    rules: &OutputRules,
+) -> Result<(), InstanceError> {
+    let bad = |reason: String| Err(InstanceError::BadOutput { call, reason });
+    let n = aggs.series.len();
     // Seeded per process: a module cannot pick rows that collide.
     let mut seen = HashSet::with_capacity_and_hasher(n, RandomState::default());
     for i in 0..n {

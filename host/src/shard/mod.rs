@@ -31,7 +31,7 @@ use shadow::Shadow;
 
 use crate::router::{KeyBatch, RouterConfig, SeriesKey};
 use crate::runtime::{
-    Aggregates, Batch, Instance, InstanceError, LoadedModule, ModuleStats, Runtime,
+    Aggregates, Batch, Export, Instance, InstanceError, LoadedModule, ModuleStats, Runtime,
 };
 use crate::sink::{KeyLayout, Point};
 use crate::telemetry::{
@@ -468,8 +468,20 @@ struct PendingSwap {
     export: Duration,
     /// Puts and flushes since the export, in order.
     since: Vec<Logged>,
+    /// Whether this is the swap's second try, after the old module's
+    /// export failed the row check once.
+    retried: bool,
     /// The new instance, and how long it took to build.
-    builder: JoinHandle<Result<(Instance, Duration), InstanceError>>,
+    builder: JoinHandle<Result<(Instance, Duration), SwapBuildError>>,
+}
+
+/// Why a swap's builder thread has no instance.
+enum SwapBuildError {
+    /// The old module's export failed the row check: the old module is at
+    /// fault, and is rebuilt like after any failure.
+    BadExport(InstanceError),
+    /// The new module failed to instantiate or merge.
+    Build(InstanceError),
 }
 
 /// Queue depth beyond which the shadow skips batches instead of slowing the
@@ -522,7 +534,7 @@ impl Shard {
                     if self.pending_swap.is_some() {
                         self.deferred_swaps.push_back(request);
                     } else {
-                        self.start_swap(request);
+                        self.start_swap(request, false);
                     }
                     continue;
                 }
@@ -895,11 +907,15 @@ impl Shard {
     /// [`PendingSwap`]); [`Shard::finish_swap`] completes it. If the old
     /// module fails to export, it is rebuilt from the last snapshot and the
     /// log (as after any failure) and the new module merges that.
-    fn start_swap(&mut self, request: SwapRequest) {
+    ///
+    /// Only the ids are checked here, against the dictionary; the builder
+    /// checks the rows (alignment, values, duplicates), which took about as
+    /// long again at 100 000 rows.
+    fn start_swap(&mut self, request: SwapRequest, retried: bool) {
         let started = Instant::now();
-        let state = match self.export_ids() {
+        let state = match self.export_for_swap() {
             Ok(state) => state,
-            Err(err) => match self.recover(&err, 1).and_then(|()| self.export_ids()) {
+            Err(err) => match self.recover(&err, 1).and_then(|()| self.export_for_swap()) {
                 Ok(state) => state,
                 Err(err) => return self.swap_failed(request, err),
             },
@@ -915,9 +931,15 @@ impl Shard {
             .name(format!("wagg-swap-{}", self.spec.index))
             .spawn(move || {
                 let started = Instant::now();
-                let built = runtime
-                    .instantiate(&module, bucket_seconds, &options)
-                    .and_then(|mut next| next.merge(&state).map(|()| next))
+                let built = state
+                    .check()
+                    .map_err(SwapBuildError::BadExport)
+                    .and_then(|state| {
+                        runtime
+                            .instantiate(&module, bucket_seconds, &options)
+                            .and_then(|mut next| next.merge(&state).map(|()| next))
+                            .map_err(SwapBuildError::Build)
+                    })
                     .map(|next| (next, started.elapsed()));
                 // The send waits while the shard's queue is full; the shard
                 // drains it meanwhile. If the shard is stopping, it joins
@@ -934,6 +956,7 @@ impl Shard {
                     rows,
                     export,
                     since: Vec::new(),
+                    retried,
                     builder,
                 });
             }
@@ -953,16 +976,32 @@ impl Shard {
             return;
         };
         let built = swap.builder.join().unwrap_or_else(|_| {
-            Err(InstanceError::Poisoned(
+            Err(SwapBuildError::Build(InstanceError::Poisoned(
                 "the swap's builder thread panicked".into(),
-            ))
+            )))
         });
+        let request = swap.request;
+        let built = match built {
+            Ok(built) => Ok(built),
+            Err(SwapBuildError::Build(err)) => Err(err),
+            Err(SwapBuildError::BadExport(err)) => {
+                // The old module's state is bad: rebuild it, as after any
+                // failure, and swap from the rebuilt one (once).
+                match self.recover(&err, 1) {
+                    Ok(()) if !swap.retried => {
+                        self.start_swap(request, true);
+                        return;
+                    }
+                    Ok(()) => Err(err),
+                    Err(fatal) => Err(fatal),
+                }
+            }
+        };
         let resumed = Instant::now();
         let replayed = built.and_then(|(mut next, build)| {
             self.replay_into(&mut next, &swap.since)?;
             Ok((next, build))
         });
-        let request = swap.request;
         match replayed {
             Ok((next, build)) => {
                 let old = self.instance.replace(next);
@@ -995,7 +1034,7 @@ impl Shard {
             Err(err) => self.swap_failed(request, err),
         }
         if let Some(next) = self.deferred_swaps.pop_front() {
-            self.start_swap(next);
+            self.start_swap(next, false);
         }
     }
 
@@ -1018,6 +1057,15 @@ impl Shard {
         }
         .emit(&self.spec.metrics);
         let _ = request.reply.send(Err(error));
+    }
+
+    fn export_for_swap(&mut self) -> Result<Export, InstanceError> {
+        let dict = &self.dict;
+        let instance = self
+            .instance
+            .as_mut()
+            .ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
+        instance.export_ids_checked(&|id| dict.contains(id))
     }
 
     fn export_ids(&mut self) -> Result<Aggregates, InstanceError> {
