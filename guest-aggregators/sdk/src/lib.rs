@@ -421,9 +421,16 @@ impl<A: Aggregator> Driver<A> {
         self.inner.begin_batch(n);
         let width = self.bucket_seconds;
         let mut skipped: u32 = 0;
+        // The bucket of the previous sample, [lo, hi): a batch's samples
+        // mostly share a bucket, and this skips the 64-bit division.
+        let (mut lo, mut hi) = (0, 0);
         for ((&s, &t), &v) in series[..n].iter().zip(&timestamps[..n]).zip(&values[..n]) {
             if v.is_finite() {
-                self.inner.add(s, bucket_start(t, width), v);
+                if !(lo <= t && t < hi) {
+                    lo = bucket_start(t, width);
+                    hi = lo.saturating_add(width);
+                }
+                self.inner.add(s, lo, v);
             } else {
                 skipped = skipped.saturating_add(1);
             }

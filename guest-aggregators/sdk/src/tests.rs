@@ -145,6 +145,34 @@ fn put_skips_non_finite_and_maps_buckets() {
     );
 }
 
+/// The driver reuses the previous sample's bucket while timestamps stay
+/// in it: every timestamp at and around a boundary, in both directions and
+/// at the top of the range, must still land in its own bucket.
+#[test]
+fn put_maps_timestamps_at_bucket_edges_in_any_order() {
+    let mut d = configured(10);
+    let top = u64::MAX - u64::MAX % 10;
+    let ts = [0, 9, 10, 9, 19, 20, 0, 5, 25, 15, u64::MAX, top - 1, top, 0];
+    d.put(&[1; 14], &ts, &[1.0; 14]);
+    let rows: Vec<_> = d
+        .flush(u64::MAX)
+        .sorted()
+        .rows()
+        .map(|(s, b, a)| (s, b, a.count))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![(1, 0, 6), (1, 10, 3), (1, 20, 2), (1, top - 10, 1),],
+        "the top bucket never flushes: it ends past u64::MAX"
+    );
+    let open: Vec<_> = d
+        .export_state()
+        .rows()
+        .map(|(_, b, a)| (b, a.count))
+        .collect();
+    assert_eq!(open, vec![(top, 2)]);
+}
+
 #[test]
 fn put_ragged_columns_uses_common_prefix() {
     let mut d = configured(10);
