@@ -583,7 +583,8 @@ pub struct ShardSwapped<'a> {
 }
 
 impl ShardSwapped<'_> {
-    /// INFO; `wagg_swap_pause_seconds{module=to,shard}` observed; `from`'s
+    /// INFO; `wagg_swap_pause_seconds{module=to,shard}` and
+    /// `wagg_swap_build_seconds{module=to,shard}` observed; `from`'s
     /// gauges on this shard removed.
     pub fn emit(&self, metrics: &Metrics) {
         tracing::info!(
@@ -601,6 +602,10 @@ impl ShardSwapped<'_> {
             .swap_pause
             .with_label_values(&[self.to, shard.as_str()])
             .observe(self.pause.as_secs_f64());
+        metrics
+            .swap_build
+            .with_label_values(&[self.to, shard.as_str()])
+            .observe(self.build.as_secs_f64());
         if self.from != self.to {
             forget_module_gauges(metrics, self.from, &shard);
         }

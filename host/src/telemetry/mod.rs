@@ -58,6 +58,7 @@
 //! | `wagg_module_failures_total` | counter | `module`, `shard`, `kind` |
 //! | `wagg_module_fallbacks_total` | counter | `module`, `shard` |
 //! | `wagg_swap_pause_seconds` | histogram | `module`, `shard` |
+//! | `wagg_swap_build_seconds` | histogram | `module`, `shard` |
 //! | `wagg_swap_failures_total` | counter | `module`, `shard` |
 //! | `wagg_module_rollbacks_total` | counter | `module`, `reason` |
 //! | `wagg_module_state` | gauge | `module`, `state` |
@@ -144,6 +145,7 @@ pub struct Metrics {
     module_failures: IntCounterVec,
     module_fallbacks: IntCounterVec,
     swap_pause: HistogramVec,
+    swap_build: HistogramVec,
     swap_failures: IntCounterVec,
     module_rollbacks: IntCounterVec,
     module_state: IntGaugeVec,
@@ -403,6 +405,13 @@ impl Metrics {
                 &LATENCY_BUCKETS,
                 MODULE_SHARD,
             ),
+            swap_build: histogram_vec(
+                &r,
+                "wagg_swap_build_seconds",
+                "Time a hot swap to this module took to build its new instance (instantiate, merge the old one's export), off the shard thread while the old module kept running, seconds.",
+                &LATENCY_BUCKETS,
+                MODULE_SHARD,
+            ),
             swap_failures: counter_vec(
                 &r,
                 "wagg_swap_failures_total",
@@ -637,6 +646,7 @@ mod tests {
             &["module", "shard"],
         ),
         ("wagg_swap_pause_seconds", "histogram", &["module", "shard"]),
+        ("wagg_swap_build_seconds", "histogram", &["module", "shard"]),
         ("wagg_swap_failures_total", "counter", &["module", "shard"]),
         (
             "wagg_module_rollbacks_total",
@@ -917,6 +927,14 @@ mod tests {
             value(
                 &s,
                 "wagg_swap_pause_seconds",
+                &[("module", "sorted@0.1.0"), ("shard", "0")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "wagg_swap_build_seconds",
                 &[("module", "sorted@0.1.0"), ("shard", "0")]
             ),
             1.0
