@@ -1,6 +1,7 @@
 //! The host's per-item costs around the module: JSON decode per metric,
 //! routing (shard hashing and series-key building) per metric, dictionary
-//! interning per sample, and OpenTSDB JSON encoding per point.
+//! interning per sample, OpenTSDB JSON encoding per point, and a
+//! checkpoint's encoding per open row.
 //!
 //! `cargo bench -p wagg-benches --bench pipeline`
 //!
@@ -12,9 +13,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use wagg::pipeline::checkpoint::Rows;
 use wagg::router::{KeyBatch, Router, RouterConfig};
-use wagg::shard::Dictionary;
+use wagg::shard::{Dictionary, StateRow};
 use wagg::sink::{KeyLayout, Point, encode_json};
 use wagg::source::generator::{Generator, GeneratorConfig};
 use wagg::source::json::{Decoder, JsonDecoder};
@@ -150,7 +152,7 @@ fn intern_live(c: &mut Criterion) {
             })
             .collect();
         let mut k = 0;
-        group.bench_function(criterion::BenchmarkId::new("live", live), |b| {
+        group.bench_function(BenchmarkId::new("live", live), |b| {
             b.iter(|| {
                 k = (k + 1) % batches.len();
                 let batch = &batches[k];
@@ -201,6 +203,105 @@ fn encode(c: &mut Criterion) {
             black_box(out.len());
         })
     });
+    group.finish();
+    encode_live(c);
+}
+
+/// The key of live series `i`, as the `record` rollup writes it (~70 bytes).
+fn live_key(i: usize) -> Arc<[u8]> {
+    format!(
+        "\x02{}\0zone-{}.example.com\0www{}.zone-{}.example.com\0A\0pop{:02}\0",
+        i % 5000,
+        i % 977,
+        i,
+        i % 977,
+        i % 25
+    )
+    .into_bytes()
+    .into()
+}
+
+/// `live` keys, allocated one after the other as a dictionary would, and
+/// the order a flush or a checkpoint visits them in: scattered (a
+/// multiplicative step), as a module's hash table returns its rows.
+fn live_keys(live: usize) -> (Vec<Arc<[u8]>>, impl Fn(usize) -> usize) {
+    let keys = (0..live).map(live_key).collect();
+    (keys, move |j: usize| j.wrapping_mul(2_654_435_761) % live)
+}
+
+/// Encoding and checkpointing against many live series: each point's or
+/// row's key is where the dictionary allocated it, not in cache, as in a
+/// host at that scale (`opentsdb-json/per-point` has a thousand keys in
+/// cache).
+///
+/// - `encode/opentsdb-json/live/<n>`: request bodies of 1000 points whose
+///   tags are read from keys spread over `n` live series;
+/// - `checkpoint/rows/live/<n>`: a checkpoint's open rows (`n`, one per
+///   live series) in its binary encoding, without the file write.
+fn encode_live(c: &mut Criterion) {
+    let layout = Arc::new(
+        KeyLayout::new(
+            ["customer", "zone", "record", "type", "pop"],
+            [("rollup".to_string(), "record".to_string())],
+        )
+        .expect("a valid layout"),
+    );
+    let metric: Arc<str> = "dns.queries".into();
+    let mut group = c.benchmark_group("encode");
+    group.throughput(Throughput::Elements(POINTS as u64));
+    for live in [1_000usize, 100_000] {
+        let (keys, order) = live_keys(live);
+        let batches: Vec<Vec<Point>> = (0..64)
+            .map(|b| {
+                (0..POINTS)
+                    .map(|j| Point {
+                        metric: metric.clone(),
+                        timestamp: 1_764_133_200,
+                        value: j as f64 + 0.5,
+                        tags: layout
+                            .tags(&keys[order(b * POINTS + j)])
+                            .expect("the key fits the layout"),
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut out = Vec::with_capacity(300 * POINTS);
+        let mut k = 0;
+        group.bench_function(BenchmarkId::new("opentsdb-json/live", live), |b| {
+            b.iter(|| {
+                k = (k + 1) % batches.len();
+                out.clear();
+                encode_json(&batches[k], &mut out);
+                black_box(out.len());
+            })
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("checkpoint/rows");
+    for live in [1_000usize, 100_000] {
+        let (keys, order) = live_keys(live);
+        let rows: Vec<StateRow> = (0..live)
+            .map(|j| StateRow {
+                key: keys[order(j)].clone(),
+                bucket: 1_764_133_200,
+                count: 3,
+                sum: j as f64 + 0.5,
+                min: 0.5,
+                max: 2.0,
+            })
+            .collect();
+        let rows = Rows::from(rows);
+        let mut out = Vec::with_capacity(100 * live);
+        group.throughput(Throughput::Elements(live as u64));
+        group.bench_function(BenchmarkId::new("live", live), |b| {
+            b.iter(|| {
+                out.clear();
+                postcard::to_io(&rows, &mut out).expect("encodes");
+                black_box(out.len());
+            })
+        });
+    }
     group.finish();
 }
 

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::runtime::cache::write_atomic_with;
 use crate::shard::StateRow;
-use crate::sink::Point;
+use crate::sink::{Point, TOUCH_RUN, touch_key};
 
 /// Format version; a checkpoint of another version is refused, not guessed.
 pub const VERSION: u32 = 2;
@@ -125,13 +125,36 @@ impl<T> From<Vec<T>> for Shared<T> {
     }
 }
 
-impl<T: Serialize> Serialize for Shared<T> {
+/// An item whose serialized form reads a series key from elsewhere in
+/// memory: [`Shared`] brings a run of them into cache before it serializes
+/// the run (see `touch_key` in the sink).
+pub trait Touch {
+    /// Reads the item's key, so that its cache miss is under way.
+    fn touch(&self);
+}
+
+impl Touch for Point {
+    fn touch(&self) {
+        self.tags.touch();
+    }
+}
+
+impl Touch for StateRow {
+    fn touch(&self) {
+        touch_key(&self.key);
+    }
+}
+
+impl<T: Serialize + Touch> Serialize for Shared<T> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
         // The length up front: binary encodings need it.
         let mut seq = s.serialize_seq(Some(self.len()))?;
-        for item in self.iter() {
-            seq.serialize_element(item)?;
+        for run in self.0.iter().flat_map(|chunk| chunk.chunks(TOUCH_RUN)) {
+            run.iter().for_each(Touch::touch);
+            for item in run {
+                seq.serialize_element(item)?;
+            }
         }
         seq.end()
     }

@@ -33,7 +33,7 @@ use crate::router::{KeyBatch, RouterConfig, SeriesKey};
 use crate::runtime::{
     Aggregates, Batch, Export, Instance, InstanceError, LoadedModule, ModuleStats, Runtime,
 };
-use crate::sink::{KeyLayout, Point};
+use crate::sink::{KeyLayout, Point, TOUCH_RUN, touch_key};
 use crate::telemetry::{
     BatchPut, Metrics, ModuleFailed, ModuleFlushed, PointsFlushed, Recovery, ShardHalted,
     ShardQueueDepth, ShardSwapped, SwapFailed,
@@ -1144,24 +1144,11 @@ fn known_key<'d>(dict: &'d Dictionary, id: u64, keys: &RefCell<Vec<&'d Arc<[u8]>
     }
 }
 
-/// Keys [`touch`] brings into cache at once.
-const TOUCH_RUN: usize = 32;
-
-/// Brings `keys` into cache together, before a caller shares each of them.
-///
-/// Keys lie where the dictionary allocated them, so each is a cache miss,
-/// two lines for a ~70-byte key after its reference counts. Sharing a key
-/// is an atomic increment, which waits for that miss before the next key's
-/// can start; reading both ends of every key in a loop this short lets all
-/// their misses be under way at once. (Flush of 100 000 rows against one
-/// baseline, step by step: −20 % with the output check's separate lookup
-/// pass, −49 % with this added; BENCHMARKS.md, session 7.) `black_box`
-/// only keeps the reads from being optimized away: their values are not
-/// needed.
+/// Brings `keys` into cache together, before a caller shares each of them
+/// (an atomic increment that would wait on each key's miss in turn): see
+/// [`touch_key`].
 fn touch(keys: &[&Arc<[u8]>]) {
-    for key in keys {
-        std::hint::black_box((key.first().copied(), key.last().copied()));
-    }
+    keys.iter().for_each(|key| touch_key(key));
 }
 
 /// The keys [`known_key`] collected, one per row of `aggs`.

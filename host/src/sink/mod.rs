@@ -26,6 +26,7 @@ pub mod tags;
 pub use file::{FileSink, FileSinkConfig};
 pub use opentsdb::{OpenTsdbConfig, OpenTsdbSink};
 pub use tags::{KeyLayout, Tags};
+pub(crate) use tags::{TOUCH_RUN, touch_key};
 
 /// One OpenTSDB data point; serializes exactly as OpenTSDB's `/api/put` JSON
 /// object: `{"metric":"dns.qps","timestamp":1735689600,"value":1.5,"tags":{"host":"a"}}`.
@@ -223,20 +224,37 @@ pub fn encode_json(points: &[Point], out: &mut Vec<u8>) {
 /// `\n` per point. `out` is not cleared. Non-finite values as in
 /// [`encode_json`].
 pub fn encode_json_lines(points: &[Point], out: &mut Vec<u8>) {
-    for p in points {
-        encode_point(p, out);
-        out.push(b'\n');
+    for run in points.chunks(TOUCH_RUN) {
+        run.iter().for_each(|p| p.tags.touch());
+        for p in run {
+            encode_point(p, out);
+            out.push(b'\n');
+        }
     }
 }
 
 /// [`encode_json`] over borrowed points, so a batch needs no copies.
 pub(crate) fn encode_json_iter<'a>(points: impl IntoIterator<Item = &'a Point>, out: &mut Vec<u8>) {
     out.push(b'[');
-    for (i, p) in points.into_iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
+    let mut points = points.into_iter();
+    let mut run = Vec::with_capacity(TOUCH_RUN);
+    let mut first = true;
+    loop {
+        // A run's keys into cache together, then its points encoded: see
+        // `touch_key`.
+        run.clear();
+        run.extend(points.by_ref().take(TOUCH_RUN));
+        if run.is_empty() {
+            break;
         }
-        encode_point(p, out);
+        run.iter().for_each(|p| p.tags.touch());
+        for p in &run {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            encode_point(p, out);
+        }
     }
     out.push(b']');
 }
