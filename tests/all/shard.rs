@@ -311,3 +311,79 @@ async fn a_swap_from_a_module_whose_export_repeats_rows_fails_and_loses_nothing(
     );
     shard.stop();
 }
+
+/// Swaps asked for while one is being built wait their turn and run in
+/// order: three swaps sent back to back, with puts between them, all
+/// succeed, the last one's module runs, and every sample is flushed once.
+#[tokio::test]
+async fn swaps_sent_back_to_back_run_in_order_and_lose_nothing() {
+    let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
+    let hashmap = runtime.load(wagg_artifacts::HASHMAP.bytes).unwrap();
+    let btree = runtime.load(wagg_artifacts::BTREE.bytes).unwrap();
+    let sorted = runtime.load(wagg_artifacts::SORTED.bytes).unwrap();
+    let (events, mut events_rx) = broadcast::channel(64);
+    let outbox = Outbox::new();
+    let spec = ShardSpec {
+        index: 0,
+        assignment: Assignment::plain(hashmap.clone()),
+        fallback: Assignment::plain(hashmap.clone()),
+        bucket_seconds: WIDTH as u32,
+        forget_after_buckets: 2,
+        router: Arc::new(RouterConfig::default()),
+        events,
+        metrics: Metrics::new(),
+    };
+    let shard = ShardHandle::start(spec, runtime, outbox.clone(), Vec::new()).unwrap();
+    let mut batch = KeyBatch::default();
+    for c in 0..5_000 {
+        batch.push_raw(&key(c), T0, 1.0);
+    }
+    send(&shard, Command::Put(batch)).await;
+
+    let mut replies = Vec::new();
+    for (i, to) in [&btree, &sorted, &hashmap, &btree].into_iter().enumerate() {
+        let (reply, rx) = oneshot::channel();
+        send(
+            &shard,
+            Command::Swap {
+                to: Assignment::plain(to.clone()),
+                fallback: Assignment::plain(hashmap.clone()),
+                reply,
+            },
+        )
+        .await;
+        replies.push(rx);
+        put(&shard, i as u32, T0 + 1).await;
+    }
+    for (i, rx) in replies.into_iter().enumerate() {
+        tokio::time::timeout(PATIENCE, rx)
+            .await
+            .expect("the shard replies")
+            .expect("the shard replies")
+            .unwrap_or_else(|e| panic!("swap {i} fails: {e}"));
+    }
+    let swapped: Vec<_> = std::iter::from_fn(|| events_rx.try_recv().ok())
+        .filter_map(|e| match e {
+            ShardEvent::Swapped { module, .. } => Some(module),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        swapped,
+        [btree.id(), sorted.id(), hashmap.id(), btree.id()],
+        "in the order asked"
+    );
+    assert_eq!(stats(&shard).await.module, btree.id());
+
+    outbox.flush_sent();
+    send(&shard, Command::Flush(T0 + WIDTH)).await;
+    stats(&shard).await;
+    let got = points(&outbox);
+    assert_eq!(got.len(), 5_000);
+    for (customer, bucket, value) in got {
+        let c: u32 = customer.parse().unwrap();
+        let want = if c < 4 { 2.0 } else { 1.0 };
+        assert_eq!((bucket, value), (T0, want), "customer {c}");
+    }
+    shard.stop();
+}

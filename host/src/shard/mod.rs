@@ -8,6 +8,11 @@
 //! snapshot plus a log of what it did since, and carries on; a module that
 //! fails again on the same data is replaced by the fallback module (the
 //! built-in hashmap). One shard's failure never stops another.
+//!
+//! A hot swap to another module builds the new instance on a thread of its
+//! own while the old module keeps consuming, then replays into it what the
+//! old one did meanwhile: the shard stands still only for the export and
+//! that replay.
 
 pub mod dictionary;
 pub mod outbox;
@@ -990,6 +995,7 @@ impl Shard {
                 match self.recover(&err, 1) {
                     Ok(()) if !swap.retried => {
                         self.start_swap(request, true);
+                        self.start_deferred_swaps();
                         return;
                     }
                     Ok(()) => Err(err),
@@ -1033,7 +1039,17 @@ impl Shard {
             }
             Err(err) => self.swap_failed(request, err),
         }
-        if let Some(next) = self.deferred_swaps.pop_front() {
+        self.start_deferred_swaps();
+    }
+
+    /// Starts the swaps asked for while one was pending, in order, until one
+    /// is pending again (one that fails to start answers at once). Keeps the
+    /// invariant that swaps wait only behind a pending one.
+    fn start_deferred_swaps(&mut self) {
+        while self.pending_swap.is_none() {
+            let Some(next) = self.deferred_swaps.pop_front() else {
+                return;
+            };
             self.start_swap(next, false);
         }
     }
