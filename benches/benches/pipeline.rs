@@ -124,17 +124,7 @@ fn intern_live(c: &mut Criterion) {
     let mut group = c.benchmark_group("dictionary/intern");
     group.throughput(Throughput::Elements(BATCH as u64));
     for live in [1_000usize, 100_000] {
-        let key = |i: usize| {
-            format!(
-                "\x02{}\0zone-{}.example.com\0www{}.zone-{}.example.com\0A\0pop{:02}\0",
-                i % 5000,
-                i % 977,
-                i,
-                i % 977,
-                i % 25
-            )
-            .into_bytes()
-        };
+        let key = live_key;
         let mut dict = Dictionary::new();
         for i in 0..live {
             dict.intern(&key(i), bucket);

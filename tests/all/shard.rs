@@ -44,6 +44,30 @@ async fn stats(shard: &ShardHandle) -> ShardStats {
         .expect("the shard replies")
 }
 
+/// Shard 0 of the default router running `assignment` (`fallback` takes
+/// over if it fails twice), with its outbox and its events.
+fn start_shard(
+    runtime: Runtime,
+    assignment: Assignment,
+    fallback: Assignment,
+    forget_after_buckets: u64,
+) -> (ShardHandle, Arc<Outbox>, broadcast::Receiver<ShardEvent>) {
+    let (events, events_rx) = broadcast::channel(64);
+    let outbox = Outbox::new();
+    let spec = ShardSpec {
+        index: 0,
+        assignment,
+        fallback,
+        bucket_seconds: WIDTH as u32,
+        forget_after_buckets,
+        router: Arc::new(RouterConfig::default()),
+        events,
+        metrics: Metrics::new(),
+    };
+    let shard = ShardHandle::start(spec, runtime, outbox.clone(), Vec::new()).unwrap();
+    (shard, outbox, events_rx)
+}
+
 /// (customer tag, bucket, value) of every point in the outbox, sorted.
 fn points(outbox: &Outbox) -> Vec<(String, u64, f64)> {
     let jobs = outbox.jobs_from(0);
@@ -71,25 +95,18 @@ async fn a_rebuild_replays_puts_of_series_a_flush_made_idle() {
     let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
     let misbehave = runtime.load(wagg_artifacts::MISBEHAVE.bytes).unwrap();
     let hashmap = runtime.load(wagg_artifacts::HASHMAP.bytes).unwrap();
-    let (events, mut events_rx) = broadcast::channel(16);
-    let outbox = Outbox::new();
-    let spec = ShardSpec {
-        index: 0,
+    let (shard, outbox, mut events_rx) = start_shard(
+        runtime,
         // Traps on its third `put` call, and so does the instance rebuilt
         // to replay two puts before the same command runs again.
-        assignment: Assignment::new(
+        Assignment::new(
             misbehave,
             vec![("mode".into(), "trap-on".into()), ("n".into(), "3".into())],
             "trap-on@1",
         ),
-        fallback: Assignment::plain(hashmap),
-        bucket_seconds: WIDTH as u32,
-        forget_after_buckets: 0,
-        router: Arc::new(RouterConfig::default()),
-        events,
-        metrics: Metrics::new(),
-    };
-    let shard = ShardHandle::start(spec, runtime, outbox.clone(), Vec::new()).unwrap();
+        Assignment::plain(hashmap),
+        0,
+    );
 
     put(&shard, 1, T0 + 5).await;
     outbox.flush_sent();
@@ -149,19 +166,12 @@ async fn what_the_old_module_does_during_a_swaps_build_reaches_the_new_one_once(
         .into_iter()
         .chain([hashmap.clone()])
         .collect::<Vec<_>>();
-    let (events, _) = broadcast::channel(64);
-    let outbox = Outbox::new();
-    let spec = ShardSpec {
-        index: 0,
-        assignment: Assignment::plain(hashmap.clone()),
-        fallback: Assignment::plain(hashmap.clone()),
-        bucket_seconds: WIDTH as u32,
-        forget_after_buckets: 0,
-        router: Arc::new(RouterConfig::default()),
-        events,
-        metrics: Metrics::new(),
-    };
-    let shard = ShardHandle::start(spec, runtime, outbox.clone(), Vec::new()).unwrap();
+    let (shard, outbox, _events) = start_shard(
+        runtime,
+        Assignment::plain(hashmap.clone()),
+        Assignment::plain(hashmap.clone()),
+        0,
+    );
 
     let mut want = BTreeMap::new();
     let mut replayed = 0;
@@ -250,23 +260,16 @@ async fn a_swap_from_a_module_whose_export_repeats_rows_fails_and_loses_nothing(
     let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
     let misbehave = runtime.load(wagg_artifacts::MISBEHAVE.bytes).unwrap();
     let hashmap = runtime.load(wagg_artifacts::HASHMAP.bytes).unwrap();
-    let (events, mut events_rx) = broadcast::channel(16);
-    let outbox = Outbox::new();
-    let spec = ShardSpec {
-        index: 0,
-        assignment: Assignment::new(
+    let (shard, outbox, mut events_rx) = start_shard(
+        runtime,
+        Assignment::new(
             misbehave.clone(),
             vec![("mode".into(), "double-export".into())],
             "double-export@1",
         ),
-        fallback: Assignment::plain(hashmap.clone()),
-        bucket_seconds: WIDTH as u32,
-        forget_after_buckets: 2,
-        router: Arc::new(RouterConfig::default()),
-        events,
-        metrics: Metrics::new(),
-    };
-    let shard = ShardHandle::start(spec, runtime, outbox.clone(), Vec::new()).unwrap();
+        Assignment::plain(hashmap.clone()),
+        2,
+    );
     put(&shard, 1, T0 + 5).await;
     put(&shard, 2, T0 + 6).await;
 
@@ -321,19 +324,12 @@ async fn swaps_sent_back_to_back_run_in_order_and_lose_nothing() {
     let hashmap = runtime.load(wagg_artifacts::HASHMAP.bytes).unwrap();
     let btree = runtime.load(wagg_artifacts::BTREE.bytes).unwrap();
     let sorted = runtime.load(wagg_artifacts::SORTED.bytes).unwrap();
-    let (events, mut events_rx) = broadcast::channel(64);
-    let outbox = Outbox::new();
-    let spec = ShardSpec {
-        index: 0,
-        assignment: Assignment::plain(hashmap.clone()),
-        fallback: Assignment::plain(hashmap.clone()),
-        bucket_seconds: WIDTH as u32,
-        forget_after_buckets: 2,
-        router: Arc::new(RouterConfig::default()),
-        events,
-        metrics: Metrics::new(),
-    };
-    let shard = ShardHandle::start(spec, runtime, outbox.clone(), Vec::new()).unwrap();
+    let (shard, outbox, mut events_rx) = start_shard(
+        runtime,
+        Assignment::plain(hashmap.clone()),
+        Assignment::plain(hashmap.clone()),
+        2,
+    );
     let mut batch = KeyBatch::default();
     for c in 0..5_000 {
         batch.push_raw(&key(c), T0, 1.0);

@@ -321,16 +321,8 @@ impl Instance {
         &mut self,
         known: &dyn Fn(u64) -> bool,
     ) -> Result<Aggregates, InstanceError> {
-        let rows = self.open_rows_bound()?;
-        let aggs = self.call("export-state", rows, |b, s| {
-            b.wagg_aggregator_aggregator().call_export_state(s)
-        })?;
-        let rules = OutputRules {
-            bucket_seconds: self.bucket_seconds,
-            max_rows: self.limits.max_output_rows,
-            watermark: None,
-        };
-        self.checked("export-state", aggs, &rules, known)
+        let export = self.export_ids_checked(known)?;
+        export.check().map_err(|err| self.poison(err))
     }
 
     /// Exports every open bucket, like [`Instance::export_state`], but
