@@ -316,7 +316,7 @@ async fn a_swap_from_a_module_whose_export_repeats_rows_fails_and_loses_nothing(
 }
 
 /// Swaps asked for while one is being built wait their turn and run in
-/// order: three swaps sent back to back, with puts between them, all
+/// order: four swaps sent back to back, with puts between them, all
 /// succeed, the last one's module runs, and every sample is flushed once.
 #[tokio::test]
 async fn swaps_sent_back_to_back_run_in_order_and_lose_nothing() {
