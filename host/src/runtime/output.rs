@@ -54,6 +54,26 @@ pub fn check_ids(
     rules: &OutputRules,
     known: &dyn Fn(u64) -> bool,
 ) -> Result<(), InstanceError> {
+    check_shape(call, aggs, rules)?;
+    // Asked in a pass of its own: `known` is a lookup in a table of every
+    // live series, a cache miss per row, and a short loop lets several
+    // misses be under way at once where the full row check would not.
+    if let Some(i) = aggs.series.iter().position(|&series| !known(series)) {
+        return Err(InstanceError::BadOutput {
+            call,
+            reason: format!("row {i}: unknown series id {}", aggs.series[i]),
+        });
+    }
+    Ok(())
+}
+
+/// The row limit and the columns' lengths: checked first by both halves,
+/// so that [`check_rows`] never indexes past a short column.
+fn check_shape(
+    call: &'static str,
+    aggs: &Aggregates,
+    rules: &OutputRules,
+) -> Result<(), InstanceError> {
     let bad = |reason: String| Err(InstanceError::BadOutput { call, reason });
     let n = aggs.series.len();
     if n > rules.max_rows {
@@ -83,27 +103,22 @@ pub fn check_ids(
             ));
         }
     }
-    // Asked in a pass of its own: `known` is a lookup in a table of every
-    // live series, a cache miss per row, and a short loop lets several
-    // misses be under way at once where the full row check would not.
-    if let Some(i) = aggs.series.iter().position(|&series| !known(series)) {
-        return bad(format!("row {i}: unknown series id {}", aggs.series[i]));
-    }
     Ok(())
 }
 
-/// The rest of [`check`], on rows whose columns [`check_ids`] accepted:
+/// The rest of [`check`]: the row limit and columns' lengths again, then
 /// aligned and (for a flush) complete buckets, counts, finite values, no
 /// row twice. It needs nothing but the rows, so it can run on any thread.
 ///
 /// # Errors
 ///
-/// [`InstanceError::BadOutput`] naming the first row that breaks a rule.
+/// [`InstanceError::BadOutput`] naming the first problem found.
 pub fn check_rows(
     call: &'static str,
     aggs: &Aggregates,
     rules: &OutputRules,
 ) -> Result<(), InstanceError> {
+    check_shape(call, aggs, rules)?;
     let bad = |reason: String| Err(InstanceError::BadOutput { call, reason });
     let n = aggs.series.len();
     // Seeded per process: a module cannot pick rows that collide.
@@ -214,6 +229,17 @@ mod tests {
             "{err}"
         );
         assert_eq!(asked.into_inner(), [7, 3, 9]);
+    }
+
+    /// `check_rows` runs on its own (a swap's builder thread), so it must
+    /// refuse short columns itself rather than index past them.
+    #[test]
+    fn the_row_check_alone_refuses_short_columns() {
+        let mut aggs = one_row(7, 60);
+        push_row(&mut aggs, 8, 60);
+        aggs.max.pop();
+        let err = check_rows("export-state", &aggs, &RULES).expect_err("`max` is short");
+        assert!(err.to_string().contains("column `max` has 1 rows"), "{err}");
     }
 
     #[test]
