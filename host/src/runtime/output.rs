@@ -39,7 +39,7 @@ pub fn check(
     known: &dyn Fn(u64) -> bool,
 ) -> Result<(), InstanceError> {
     check_ids(call, aggs, rules, known)?;
-    check_rows(call, aggs, rules)
+    check_shaped_rows(call, aggs, rules)
 }
 
 /// The part of [`check`] that needs the host's dictionary: the row limit,
@@ -119,6 +119,15 @@ pub fn check_rows(
     rules: &OutputRules,
 ) -> Result<(), InstanceError> {
     check_shape(call, aggs, rules)?;
+    check_shaped_rows(call, aggs, rules)
+}
+
+/// [`check_rows`] on rows whose shape [`check_shape`] accepted.
+fn check_shaped_rows(
+    call: &'static str,
+    aggs: &Aggregates,
+    rules: &OutputRules,
+) -> Result<(), InstanceError> {
     let bad = |reason: String| Err(InstanceError::BadOutput { call, reason });
     let n = aggs.series.len();
     // Seeded per process: a module cannot pick rows that collide.

@@ -839,11 +839,7 @@ impl Shard {
     }
 
     fn export(&mut self) -> Result<Vec<StateRow>, InstanceError> {
-        let dict = &self.dict;
-        let instance = self
-            .instance
-            .as_mut()
-            .ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
+        let (instance, dict) = self.instance_and_dict()?;
         let keys = RefCell::new(Vec::new());
         let aggs = instance.export_state(&|id| known_key(dict, id, &keys))?;
         let keys = row_keys(keys, &aggs, "export-state")?;
@@ -1076,21 +1072,23 @@ impl Shard {
     }
 
     fn export_for_swap(&mut self) -> Result<Export, InstanceError> {
-        let dict = &self.dict;
-        let instance = self
-            .instance
-            .as_mut()
-            .ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
+        let (instance, dict) = self.instance_and_dict()?;
         instance.export_ids_checked(&|id| dict.contains(id))
     }
 
     fn export_ids(&mut self) -> Result<Aggregates, InstanceError> {
-        let dict = &self.dict;
+        let (instance, dict) = self.instance_and_dict()?;
+        instance.export_state(&|id| dict.contains(id))
+    }
+
+    /// The instance and the dictionary its ids are checked against,
+    /// borrowed together.
+    fn instance_and_dict(&mut self) -> Result<(&mut Instance, &Dictionary), InstanceError> {
         let instance = self
             .instance
             .as_mut()
             .ok_or_else(|| InstanceError::Poisoned("no instance".into()))?;
-        instance.export_state(&|id| dict.contains(id))
+        Ok((instance, &self.dict))
     }
 
     /// A fresh instance holding the state the failed one should have had:
