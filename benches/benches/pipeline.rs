@@ -124,19 +124,18 @@ fn intern_live(c: &mut Criterion) {
     let mut group = c.benchmark_group("dictionary/intern");
     group.throughput(Throughput::Elements(BATCH as u64));
     for live in [1_000usize, 100_000] {
-        let key = live_key;
+        let (keys, order) = live_keys(live);
         let mut dict = Dictionary::new();
-        for i in 0..live {
-            dict.intern(&key(i), bucket);
+        for key in &keys {
+            dict.intern(key, bucket);
         }
-        // Batches of keys in a scattered order (a multiplicative step),
-        // three times as many samples as series between them.
+        // Batches of keys in the scattered order, three times as many
+        // samples as series between them.
         let batches: Vec<KeyBatch> = (0..1024)
             .map(|b| {
                 let mut batch = KeyBatch::with_capacity(BATCH);
                 for j in 0..BATCH {
-                    let i = (b * BATCH + j).wrapping_mul(2_654_435_761) % live;
-                    batch.push_raw(&key(i), bucket, 1.0);
+                    batch.push_raw(&keys[order(b * BATCH + j)], bucket, 1.0);
                 }
                 batch
             })
