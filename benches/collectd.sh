@@ -120,7 +120,7 @@ trap 'exit 130' INT TERM
     -retentionPeriod=100y -search.disableCache > "$out/vm.log" 2>&1 &
 vm_pid=$!
 pids+=($vm_pid)
-until curl -sf "http://$vm_http/health" >/dev/null; do sleep 0.2; done
+vm_wait_healthy "$vm_http" "$vm_pid" "$out/vm.log"
 
 telnet_rows() { # samples VictoriaMetrics took over the telnet protocol (collectd's)
     curl -s "http://$vm_http/metrics" | awk '$1 == "vm_rows_inserted_total{type=\"opentsdb\"}" { print $2 }'

@@ -25,6 +25,14 @@ measure_cpu_of() { # wagg_pid vm_pid: wagg, VictoriaMetrics and the broker
     drain_pids=("wagg=$1" "victoria-metrics=$2" "broker=$(pgrep -o beam.smp || echo 0)")
 }
 
+vm_wait_healthy() { # http_addr pid log: until VictoriaMetrics answers, or fail if it exited
+    until curl -sf "http://$1/health" >/dev/null; do
+        # One that exited (port taken, bad flag) would otherwise be waited for forever.
+        kill -0 "$2" 2>/dev/null || { echo "VictoriaMetrics exited; see $3" >&2; exit 1; }
+        sleep 0.2
+    done
+}
+
 peak_rss_mib() { # pid: the process's peak resident set (VmHWM), MiB
     awk '$1 == "VmHWM:" { printf "%.0f", $2 / 1024 }' "/proc/$1/status"
 }

@@ -80,12 +80,14 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+[ -x /usr/bin/victoria-metrics ] ||
+    { echo "e2e: /usr/bin/victoria-metrics missing: run bash tests/setup.sh" >&2; exit 1; }
 /usr/bin/victoria-metrics -storageDataPath="$out/vm" -httpListenAddr="$vm_http" \
     -opentsdbHTTPListenAddr="$vm_tsdb" -retentionPeriod=100y -search.disableCache \
     > "$out/vm.log" 2>&1 &
 vm_pid=$!
 pids+=($vm_pid)
-until curl -sf "http://$vm_http/health" >/dev/null; do sleep 0.2; done
+vm_wait_healthy "$vm_http" "$vm_pid" "$out/vm.log"
 
 sink_config() { # phase dir → the [sink] section
     case ${SINK:-opentsdb} in
