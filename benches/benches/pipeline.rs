@@ -150,6 +150,15 @@ fn intern_live(c: &mut Criterion) {
                 }
             })
         });
+        // The same batches through the shard's way, a run at a time.
+        group.bench_function(BenchmarkId::new("batch/live", live), |b| {
+            b.iter(|| {
+                k = (k + 1) % batches.len();
+                dict.intern_batch(&batches[k], 60, |id, _| {
+                    black_box(id);
+                });
+            })
+        });
     }
     group.finish();
 }

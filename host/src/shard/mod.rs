@@ -657,11 +657,9 @@ impl Shard {
         let batch_started = std::time::Instant::now();
         let width = u64::from(self.spec.bucket_seconds);
         self.batch.clear();
-        for s in keys.samples() {
-            let bucket = s.timestamp - s.timestamp % width;
-            let id = self.dict.intern(keys.key(s), bucket);
-            self.batch.push(id, s.timestamp, s.value);
-        }
+        let batch = &mut self.batch;
+        self.dict
+            .intern_batch(keys, width, |id, s| batch.push(id, s.timestamp, s.value));
         self.put_batch(batch_started)
     }
 
