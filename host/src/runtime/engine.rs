@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use wasmtime::{Config, Engine, OptLevel};
+use wasmtime::{Config, Engine, OptLevel, ProfilingStrategy};
 
 /// Default cap on one instance's linear memory: a shard holding half a
 /// million open rows in the hashmap strategy uses about 60 MiB.
@@ -49,6 +49,12 @@ pub struct RuntimeLimits {
     pub compile_timeout_secs: u64,
     /// Most rows a module may return from one `flush` or `export-state`.
     pub max_output_rows: usize,
+    /// Whether to append the address and name of every compiled function of
+    /// every module to `/tmp/perf-<pid>.map`, so that `perf` names guest
+    /// code rather than showing anonymous JIT addresses. Off by default: the
+    /// file grows with every module loaded, and perf's convention is to
+    /// leave it behind when the process exits.
+    pub perf_map: bool,
 }
 
 impl Default for RuntimeLimits {
@@ -59,6 +65,7 @@ impl Default for RuntimeLimits {
             fuel_per_sample: DEFAULT_FUEL_PER_SAMPLE,
             compile_timeout_secs: DEFAULT_COMPILE_TIMEOUT.as_secs(),
             max_output_rows: DEFAULT_MAX_OUTPUT_ROWS,
+            perf_map: false,
         }
     }
 }
@@ -87,17 +94,64 @@ impl RuntimeLimits {
 ///   because on 2 cores a parallel compile raised a busy shard's worst call
 ///   from 0.2 ms to 4–8 ms;
 /// - no Wasm backtraces: a trap is reported by kind, and capturing frames
-///   costs time on the error path that a hostile module controls.
+///   costs time on the error path that a hostile module controls;
+/// - a perf map only if `limits.perf_map` asks for one.
 ///
 /// # Errors
 ///
-/// Fails only if wasmtime refuses the configuration for this CPU.
-pub fn new_engine() -> Result<Engine, wasmtime::Error> {
+/// Fails if wasmtime refuses the configuration for this CPU, or cannot
+/// open the perf map.
+pub fn new_engine(limits: &RuntimeLimits) -> Result<Engine, wasmtime::Error> {
     let mut config = Config::new();
     config
         .wasm_component_model(true)
         .consume_fuel(true)
         .wasm_backtrace_max_frames(None)
         .cranelift_opt_level(OptLevel::Speed);
+    if limits.perf_map {
+        config.profiler(ProfilingStrategy::PerfMap);
+    }
     Engine::new(&config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{Runtime, builtin};
+
+    /// Lines of this process's perf map naming the aggregator's `put`.
+    fn put_lines(map: &std::path::Path) -> usize {
+        std::fs::read_to_string(map)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.ends_with("aggregator@0.1.0#put"))
+            .count()
+    }
+
+    #[test]
+    fn a_perf_map_names_guest_functions_compiled_or_from_the_cache() {
+        let map = std::path::PathBuf::from(format!("/tmp/perf-{}.map", std::process::id()));
+        let cache = tempfile::tempdir().unwrap();
+        let hashmap = builtin("hashmap").unwrap();
+        let limits = RuntimeLimits {
+            perf_map: true,
+            ..RuntimeLimits::default()
+        };
+        let before = put_lines(&map);
+
+        Runtime::new(limits.clone(), Some(cache.path()))
+            .unwrap()
+            .load(hashmap)
+            .unwrap();
+        let compiled = put_lines(&map);
+        assert!(compiled > before, "a compiled module is named");
+
+        // The second runtime takes the artifact from the cache.
+        Runtime::new(limits, Some(cache.path()))
+            .unwrap()
+            .load(hashmap)
+            .unwrap();
+        assert!(put_lines(&map) > compiled, "a cached module is named too");
+        let _ = std::fs::remove_file(&map);
+    }
 }

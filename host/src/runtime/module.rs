@@ -99,7 +99,7 @@ impl Runtime {
     /// If wasmtime refuses the engine settings or the cache directory cannot
     /// be created.
     pub fn new(limits: RuntimeLimits, cache_dir: Option<&Path>) -> Result<Self, LoadError> {
-        let engine = new_engine().map_err(|err| LoadError::Engine(format!("{err:#}")))?;
+        let engine = new_engine(&limits).map_err(|err| LoadError::Engine(format!("{err:#}")))?;
         let cache = cache_dir
             .map(|dir| ArtifactCache::open(dir, &engine))
             .transpose()?;
