@@ -155,7 +155,8 @@ fn intern_live(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("batch/live", live), |b| {
             b.iter(|| {
                 k = (k + 1) % batches.len();
-                dict.intern_batch(&batches[k], 60, |id, _| {
+                let batch = &batches[k];
+                dict.intern_batch(batch, batch.samples(), 60, |id, _| {
                     black_box(id);
                 });
             })

@@ -70,7 +70,7 @@ impl Dictionary {
         self.intern_hashed(key, hash_bytes(key), bucket)
     }
 
-    /// [`intern`](Self::intern) of every sample of `keys` in order, each
+    /// [`intern`](Self::intern) of `samples` (of `keys`) in order, each
     /// noted in the bucket of `bucket_seconds` its timestamp falls in;
     /// `each` gets the sample's id.
     ///
@@ -82,11 +82,12 @@ impl Dictionary {
     pub fn intern_batch(
         &mut self,
         keys: &KeyBatch,
+        samples: &[KeyedSample],
         bucket_seconds: u64,
         mut each: impl FnMut(u64, &KeyedSample),
     ) {
         let mut ids = [0u64; TOUCH_RUN];
-        for run in keys.samples().chunks(TOUCH_RUN) {
+        for run in samples.chunks(TOUCH_RUN) {
             for (id, s) in ids.iter_mut().zip(run) {
                 *id = hash_bytes(keys.key(s));
                 if let Some(e) = self.by_id.get(id) {
@@ -238,7 +239,7 @@ mod tests {
             })
             .collect();
         let mut got = Vec::new();
-        batch.intern_batch(&keys, 60, |id, s| got.push((id, s.value)));
+        batch.intern_batch(&keys, keys.samples(), 60, |id, s| got.push((id, s.value)));
         assert_eq!(got, want);
         assert!(!one.overflow.is_empty(), "the collided key was interned");
 

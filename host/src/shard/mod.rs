@@ -659,7 +659,9 @@ impl Shard {
         self.batch.clear();
         let batch = &mut self.batch;
         self.dict
-            .intern_batch(keys, width, |id, s| batch.push(id, s.timestamp, s.value));
+            .intern_batch(keys, keys.samples(), width, |id, s| {
+                batch.push(id, s.timestamp, s.value)
+            });
         self.put_batch(batch_started)
     }
 

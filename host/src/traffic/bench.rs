@@ -372,6 +372,7 @@ fn prepare(opts: &BenchOptions) -> Result<(Stream, WorkloadFigures), TrafficErro
     let mut batches = vec![KeyBatch::with_capacity(4096)];
     let mut host_nanos = 0u128;
     let mut interned: Vec<(u64, f64)> = Vec::with_capacity(4096);
+    let width = u64::from(opts.bucket_seconds.max(1));
     // Takes one message; returns whether the stream is full.
     let mut take = |body: &[u8], figures: &mut WorkloadFigures| -> bool {
         let started = Instant::now();
@@ -385,9 +386,10 @@ fn prepare(opts: &BenchOptions) -> Result<(Stream, WorkloadFigures), TrafficErro
         let batch = &batches[0];
         let room = opts.max_samples.saturating_sub(stream.ranks.len());
         interned.clear();
-        for s in batch.samples().iter().take(room) {
-            interned.push((dict.intern(batch.key(s), 0), s.value));
-        }
+        // As a shard interns (the bucket width only matters for forgetting,
+        // which this dictionary never does).
+        let samples = &batch.samples()[..room.min(batch.len())];
+        dict.intern_batch(batch, samples, width, |id, s| interned.push((id, s.value)));
         // Only decode, route and intern are the host's cost; the ranking
         // below is the bench's own bookkeeping.
         host_nanos += started.elapsed().as_nanos();
@@ -933,6 +935,19 @@ mod tests {
         let same = compare(&result, &result, 0.1);
         assert!(!same.is_empty());
         assert!(same.iter().all(|c| c.verdict == Verdict::Unchanged));
+    }
+
+    #[test]
+    fn the_workload_stops_at_max_samples_within_a_message() {
+        // 60 samples a message: the cap falls inside the 17th.
+        let opts = BenchOptions {
+            max_samples: 1000,
+            sizes: vec![10],
+            ..small()
+        };
+        let result = bench(&opts, &Progress::hidden()).unwrap();
+        assert_eq!(result.workload.samples, 1000);
+        assert_eq!(result.modules[0].sizes[0].error, None);
     }
 
     #[test]
