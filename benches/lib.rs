@@ -2,6 +2,8 @@
 //!
 //! [`live_shard`] drives a real shard from outside, for the benches and
 //! measurement binaries that need one (`swap`, `swap-pause`,
-//! `series-memory`).
+//! `series-memory`). [`workload`] is the strategies' `put` and `flush`
+//! workload, in Wasm and natively (`strategies`, `put-instructions`).
 
 pub mod live_shard;
+pub mod workload;

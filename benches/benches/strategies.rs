@@ -14,100 +14,21 @@
 //!   the module is refilled before each one, outside the clock. The Wasm
 //!   figure includes the host's check of the returned rows.
 
-use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use wagg::runtime::{Batch, Instance, LoadedModule, Runtime, RuntimeLimits};
+use wagg::runtime::{Runtime, RuntimeLimits};
 use wagg_artifacts::{BTREE, Guest, HASHMAP, LEAKY, SORTED};
-use wagg_guest::{Aggregator, Driver};
+use wagg_benches::workload::{
+    BATCH, BATCHES, BUCKET_SECONDS, Native, T0, Target, Wasm, every_series, put_batches,
+};
+use wagg_guest::Aggregator;
 
 /// Live series counts every bench runs at.
 const LIVE: [u64; 4] = [1, 100, 10_000, 100_000];
-/// Samples per `put`.
-const BATCH: usize = 1024;
-/// Batches cycled through, so that the branch predictor does not learn one.
-const BATCHES: usize = 64;
-const BUCKET_SECONDS: u32 = 60;
-/// A bucket boundary (a multiple of 60).
-const T0: u64 = 1_764_133_200;
 /// The leaky strategy keeps every flushed row; start it afresh after this
 /// many, well before the default 256 MiB memory limit.
 const LEAKY_RESET_ROWS: u64 = 1_000_000;
-
-/// Series ids look like the host's (64-bit hashes of keys), not 0..n.
-fn series_id(i: u64) -> u64 {
-    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// `n` samples of series drawn from `live`, all in the bucket at `bucket`.
-fn random_batch(n: usize, live: u64, offset: u64, bucket: u64) -> Batch {
-    let mut b = Batch::with_capacity(n);
-    for i in 0..n as u64 {
-        let x = series_id(i + offset);
-        b.push(series_id(x % live), bucket + (x >> 40) % 60, 1.0);
-    }
-    b
-}
-
-/// One sample of each of `live` series, in the bucket at `bucket`.
-fn every_series(live: u64, bucket: u64) -> Batch {
-    let mut b = Batch::with_capacity(live as usize);
-    for i in 0..live {
-        b.push(series_id(i), bucket + i % 60, 1.0);
-    }
-    b
-}
-
-/// What both sides of a comparison do: a Wasm instance or a native driver.
-trait Target {
-    fn put(&mut self, batch: &Batch);
-    /// Flushes up to `watermark`, returning the rows.
-    fn flush(&mut self, watermark: u64) -> usize;
-}
-
-struct Wasm(Instance);
-
-impl Wasm {
-    fn new(rt: &Runtime, module: &Arc<LoadedModule>) -> Self {
-        Wasm(rt.instantiate(module, BUCKET_SECONDS, &[]).unwrap())
-    }
-}
-
-impl Target for Wasm {
-    fn put(&mut self, batch: &Batch) {
-        self.0.put(batch).unwrap();
-    }
-
-    fn flush(&mut self, watermark: u64) -> usize {
-        self.0.flush(watermark, &|_| true).unwrap().len()
-    }
-}
-
-struct Native<A>(Driver<A>);
-
-impl<A: Aggregator> Native<A> {
-    fn new() -> Self {
-        let mut d = Driver::<A>::new();
-        d.configure(BUCKET_SECONDS, &[]).unwrap();
-        Native(d)
-    }
-}
-
-impl<A: Aggregator> Target for Native<A> {
-    fn put(&mut self, batch: &Batch) {
-        let (s, t, v) = batch.columns();
-        black_box(self.0.put(s, t, v));
-    }
-
-    fn flush(&mut self, watermark: u64) -> usize {
-        black_box(self.0.flush(watermark)).len()
-    }
-}
 
 fn config() -> Criterion {
     Criterion::default()
@@ -120,9 +41,7 @@ fn bench_put(c: &mut Criterion, name: &str, new: &mut dyn FnMut() -> Box<dyn Tar
     let mut group = c.benchmark_group(format!("put/{name}"));
     group.throughput(Throughput::Elements(BATCH as u64));
     for live in LIVE {
-        let batches: Vec<Batch> = (0..BATCHES as u64)
-            .map(|k| random_batch(BATCH, live, k * BATCH as u64, T0))
-            .collect();
+        let batches = put_batches(live);
         let mut target = new();
         target.put(&every_series(live, T0));
         let mut k = 0;
