@@ -55,11 +55,26 @@ count() {
         END { printf "%d %d\n", all, host }'
 }
 
+# Prints the counts, refusing a run that counted nothing (`measured` not
+# found: renamed, or inlined by a different build).
+checked_count() {
+    local all host
+    read -r all host < <(count "$@")
+    if [ "${all:-0}" -eq 0 ]; then
+        echo "instructions: nothing counted for $*: is put_instructions::measured in the build?" >&2
+        exit 1
+    fi
+    echo "$all $host"
+}
+
 printf '%-8s %7s %8s %7s %8s %6s\n' strategy live wasm host native ratio
 for strategy in $strategies; do
     for live in $live_counts; do
-        read -r wasm host < <(count wasm "$strategy" "$live")
-        read -r native _ < <(count native "$strategy" "$live")
+        # Assignments, so that a failed count stops the script (set -e).
+        wasm_counts=$(checked_count wasm "$strategy" "$live")
+        native_counts=$(checked_count native "$strategy" "$live")
+        read -r wasm host <<< "$wasm_counts"
+        read -r native _ <<< "$native_counts"
         awk -v s="$strategy" -v l="$live" -v w="$wasm" -v h="$host" -v n="$native" -v k="$samples" \
             'BEGIN { printf "%-8s %7d %8.1f %7.1f %8.1f %5.2fx\n", s, l, w / k, h / k, n / k, w / n }'
     done
