@@ -1,5 +1,5 @@
 //! The `put` and `flush` workload of the Wasm-tax measurements, shared by
-//! the `strategies` bench (time) and `put-instructions` (instructions
+//! the `strategies` bench (time) and `instructions` (instructions
 //! counted by callgrind), so that both measure the same batches.
 //!
 //! Each strategy runs two ways: as a component in the host's runtime
