@@ -22,7 +22,7 @@ pub const BUCKET_SECONDS: u32 = 60;
 pub const T0: u64 = 1_764_133_200;
 
 /// Series ids look like the host's (64-bit hashes of keys), not 0..n.
-pub fn series_id(i: u64) -> u64 {
+fn series_id(i: u64) -> u64 {
     let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -30,7 +30,7 @@ pub fn series_id(i: u64) -> u64 {
 }
 
 /// `n` samples of series drawn from `live`, all in the bucket at `bucket`.
-pub fn random_batch(n: usize, live: u64, offset: u64, bucket: u64) -> Batch {
+fn random_batch(n: usize, live: u64, offset: u64, bucket: u64) -> Batch {
     let mut b = Batch::with_capacity(n);
     for i in 0..n as u64 {
         let x = series_id(i + offset);

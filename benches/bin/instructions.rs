@@ -24,11 +24,8 @@
 //! benches are for.
 
 use anyhow::{Context, bail, ensure};
-use wagg::runtime::{Batch, Runtime, RuntimeLimits};
-use wagg_artifacts::{BTREE, HASHMAP, LEAKY, SORTED};
-use wagg_benches::workload::{
-    BATCHES, BUCKET_SECONDS, Native, T0, Target, Wasm, every_series, put_batches,
-};
+use wagg::runtime::{Batch, Runtime, RuntimeLimits, builtin};
+use wagg_benches::workload::{BUCKET_SECONDS, Native, T0, Target, Wasm, every_series, put_batches};
 
 /// The puts counted: `batches` in turn, `puts` times. Not inlined, so that
 /// callgrind can count exactly this call.
@@ -49,7 +46,7 @@ fn measured_flush(target: &mut dyn Target, watermark: u64) -> usize {
 /// working size before anything is counted, as in criterion's warm-up.
 #[inline(never)]
 fn warm_up(target: &mut dyn Target, batches: &[Batch]) {
-    for batch in batches.iter().take(BATCHES) {
+    for batch in batches {
         target.put(batch);
     }
 }
@@ -78,11 +75,8 @@ fn main() -> anyhow::Result<()> {
     let rt = Runtime::new(limits, None)?;
     let mut target: Box<dyn Target> = match (side.as_str(), strategy.as_str()) {
         ("wasm", name) => {
-            let guest = [&HASHMAP, &BTREE, &SORTED, &LEAKY]
-                .into_iter()
-                .find(|g| g.name == name)
-                .with_context(|| format!("unknown strategy {name}"))?;
-            Box::new(Wasm::new(&rt, &rt.load(guest.bytes)?))
+            let bytes = builtin(name).with_context(|| format!("unknown strategy {name}"))?;
+            Box::new(Wasm::new(&rt, &rt.load(bytes)?))
         }
         ("native", "hashmap") => Box::new(Native::<wagg_hashmap::HashMapAgg>::new()),
         ("native", "btree") => Box::new(Native::<wagg_btree::BTreeAgg>::new()),
