@@ -3,7 +3,9 @@
 # `flush`, in Wasm and natively, counted by callgrind: the Wasm tax as a
 # count that does not move with the load of a shared machine. One count is
 # exact to the instruction from one run to the next (the workloads are
-# fixed), where the `strategies` bench's times move by ±30 % here, so a
+# fixed; flush counts can differ by a fraction of an instruction a row,
+# because the host's duplicate-row check hashes with a per-process seed),
+# where the `strategies` bench's times move by ±30 % here, so a
 # change to a guest, the SDK or the engine can be compared on it at once.
 # It says nothing of cache misses, which the time benches catch (100 000
 # live series).
