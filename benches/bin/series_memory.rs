@@ -7,10 +7,12 @@
 //!
 //! For each N, a shard running hashmap gets one sample of each of N series
 //! (keys in the router's format, [`series_key`]), then a checkpoint's
-//! snapshot. Heap bytes are read at three points: the empty shard, after
+//! snapshot. Heap bytes are read at four points: the empty shard, after
 //! the samples (the replay log still holds them), after the snapshot (the
-//! log cleared, the rows kept as the rebuild base: the steady state between
-//! two checkpoints, less the samples since). Then every row is flushed, and
+//! log cleared, the rows kept as the rebuild base), and after the shard is
+//! told that the checkpoint holding them is on disk (the rows dropped: the
+//! steady state between two checkpoints, less the samples since). Then every
+//! row is flushed, and
 //! the points (one per series) are weighed while the outbox holds them, as
 //! it does until the sink confirms them. The same dictionary and rows
 //! are then built alone to say where the bytes go.
@@ -159,6 +161,9 @@ fn main() {
         let rows = shard.snapshot();
         let with_reply = Heap::now();
         drop(rows);
+        shard.stats();
+        let snapshotted = Heap::now();
+        shard.checkpointed();
         let stats = shard.stats();
         let checkpointed = Heap::now();
         row(
@@ -166,12 +171,16 @@ fn main() {
             filled.since(empty),
         );
         row(
-            "**shard, after a checkpoint (steady state)**",
+            "shard, after a snapshot, until its checkpoint is on disk",
+            snapshotted.since(empty),
+        );
+        row(
+            "**shard, after the checkpoint is on disk (steady state)**",
             checkpointed.since(empty),
         );
         row(
             "snapshot sent to the checkpoint (shared with the shard's base)",
-            with_reply.since(checkpointed),
+            with_reply.since(snapshotted),
         );
         // Every row flushed: one point per series, held in the outbox (and
         // every checkpoint) until the sink confirms it.
@@ -212,7 +221,7 @@ fn main() {
             })
             .collect();
         row(
-            "… of which the last snapshot's rows (rebuild base)",
+            "… the last snapshot's rows (held until its checkpoint is on disk)",
             Heap::now().since(before),
         );
         println!(

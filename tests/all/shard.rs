@@ -4,12 +4,16 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, oneshot};
 use wagg::router::{KeyBatch, RouterConfig};
 use wagg::runtime::{Runtime, RuntimeLimits};
-use wagg::shard::{Assignment, Command, Outbox, ShardEvent, ShardHandle, ShardSpec, ShardStats};
+use wagg::shard::{
+    Assignment, Command, Outbox, SavedState, ShardEvent, ShardHandle, ShardSpec, ShardStats,
+    StateRow,
+};
 use wagg::sink::Point;
 use wagg::telemetry::Metrics;
 
@@ -83,6 +87,21 @@ fn points(outbox: &Outbox) -> Vec<(String, u64, f64)> {
     points
 }
 
+/// Misbehave trapping on its third `put` call, falling back to hashmap:
+/// a shard whose first two puts are in its snapshot and whose third traps.
+fn trap_on_third_put(runtime: &Runtime) -> (Assignment, Assignment) {
+    let misbehave = runtime.load(wagg_artifacts::MISBEHAVE.bytes).unwrap();
+    let hashmap = runtime.load(wagg_artifacts::HASHMAP.bytes).unwrap();
+    (
+        Assignment::new(
+            misbehave,
+            vec![("mode".into(), "trap-on".into()), ("n".into(), "3".into())],
+            "trap-on@1",
+        ),
+        Assignment::plain(hashmap),
+    )
+}
+
 /// The replay log holds samples by series id, so a series that a flush
 /// made idle must stay in the dictionary until the log is cleared: a
 /// rebuild replays the puts from before that flush, and the replayed flush
@@ -93,20 +112,10 @@ fn points(outbox: &Outbox) -> Vec<(String, u64, f64)> {
 #[tokio::test]
 async fn a_rebuild_replays_puts_of_series_a_flush_made_idle() {
     let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
-    let misbehave = runtime.load(wagg_artifacts::MISBEHAVE.bytes).unwrap();
-    let hashmap = runtime.load(wagg_artifacts::HASHMAP.bytes).unwrap();
-    let (shard, outbox, mut events_rx) = start_shard(
-        runtime,
-        // Traps on its third `put` call, and so does the instance rebuilt
-        // to replay two puts before the same command runs again.
-        Assignment::new(
-            misbehave,
-            vec![("mode".into(), "trap-on".into()), ("n".into(), "3".into())],
-            "trap-on@1",
-        ),
-        Assignment::plain(hashmap),
-        0,
-    );
+    // Traps on its third `put` call, and so does the instance rebuilt to
+    // replay two puts before the same command runs again.
+    let (module, fallback) = trap_on_third_put(&runtime);
+    let (shard, outbox, mut events_rx) = start_shard(runtime, module, fallback, 0);
 
     put(&shard, 1, T0 + 5).await;
     outbox.flush_sent();
@@ -142,6 +151,115 @@ async fn a_rebuild_replays_puts_of_series_a_flush_made_idle() {
     let rows = tokio::time::timeout(PATIENCE, rx).await.unwrap().unwrap();
     assert!(rows.is_empty(), "every bucket was flushed: {rows:?}");
     assert_eq!(stats(&shard).await.dictionary_series, 0);
+    shard.stop();
+}
+
+/// Puts customers 1 and 2, takes a snapshot, and tells the shard that the
+/// checkpoint holding it is on disk, where `disk` reads it back from:
+/// `disk` gets the snapshot's rows and returns what the shard will read.
+/// Returns how many times the shard read.
+async fn checkpoint_two_series(
+    shard: &ShardHandle,
+    disk: impl Fn(Vec<StateRow>) -> Vec<StateRow> + Send + Sync + 'static,
+) -> Arc<AtomicUsize> {
+    put(shard, 1, T0 + 5).await;
+    put(shard, 2, T0 + 6).await;
+    let (tx, rx) = oneshot::channel();
+    send(shard, Command::Snapshot(tx)).await;
+    let rows = tokio::time::timeout(PATIENCE, rx).await.unwrap().unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let on_disk = disk(rows.to_vec());
+    // Only the shard's copy is left: the test drops its own.
+    drop(rows);
+    let reads = Arc::new(AtomicUsize::new(0));
+    let counted = reads.clone();
+    let saved = SavedState::new(move |index| {
+        assert_eq!(index, 0, "a shard reads its own rows");
+        counted.fetch_add(1, Ordering::Relaxed);
+        Ok(on_disk.clone())
+    });
+    send(shard, Command::Checkpointed(saved)).await;
+    reads
+}
+
+/// Once the checkpoint holding its snapshot is on disk, a shard holds no
+/// copy of the snapshot's rows: a rebuild reads them back. Here the
+/// "disk" is the snapshot as the shard sent it (the pipeline's reader of
+/// the real file is tested in `wagg::pipeline`); the module traps on the
+/// put after the checkpoint, and the rebuilt module must still flush the
+/// two series from before it.
+#[tokio::test]
+async fn a_rebuild_after_a_checkpoint_reads_the_snapshot_back() {
+    let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
+    let (module, fallback) = trap_on_third_put(&runtime);
+    let (shard, outbox, mut events_rx) = start_shard(runtime, module, fallback, 2);
+
+    let reads = checkpoint_two_series(&shard, |rows| rows).await;
+    assert_eq!(reads.load(Ordering::Relaxed), 0, "no rebuild yet");
+    // The third put traps; the rebuilt instance counts its puts afresh.
+    put(&shard, 3, T0 + 7).await;
+    outbox.flush_sent();
+    send(&shard, Command::Flush(T0 + 2 * WIDTH)).await;
+    stats(&shard).await;
+
+    let mut failures = Vec::new();
+    while let Ok(event) = events_rx.try_recv() {
+        if let ShardEvent::ModuleFailed { fell_back, .. } = event {
+            failures.push(fell_back);
+        }
+    }
+    assert_eq!(failures, [false], "one rebuild, with the same module");
+    assert_eq!(
+        reads.load(Ordering::Relaxed),
+        1,
+        "the rebuild read the rows"
+    );
+    assert_eq!(
+        points(&outbox),
+        [
+            ("1".to_string(), T0, 1.0),
+            ("2".to_string(), T0, 1.0),
+            ("3".to_string(), T0, 1.0),
+        ],
+        "the rows from before the checkpoint survive the rebuild"
+    );
+    shard.stop();
+}
+
+/// A checkpoint on disk that no longer matches the snapshot (replaced or
+/// altered) would change the totals if merged: the shard stops instead,
+/// and the pipeline acknowledges nothing more.
+#[tokio::test]
+async fn a_rebuild_refuses_rows_read_back_that_are_not_the_snapshot() {
+    let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
+    let (module, fallback) = trap_on_third_put(&runtime);
+    let (shard, outbox, _events) = start_shard(runtime, module, fallback, 2);
+
+    let reads = checkpoint_two_series(&shard, |mut rows| {
+        rows.pop();
+        rows
+    })
+    .await;
+    put(&shard, 3, T0 + 7).await;
+    outbox.flush_sent();
+    send(&shard, Command::Flush(T0 + 2 * WIDTH)).await;
+    let (tx, rx) = oneshot::channel();
+    // The shard may have stopped before this is queued, or drop it with its
+    // queue: either way there is no reply.
+    let _ = shard.send(Command::Stats(tx)).await;
+    let reply = tokio::time::timeout(PATIENCE, rx)
+        .await
+        .expect("a halted shard drops the request at once");
+    assert!(reply.is_err(), "the shard halted: {reply:?}");
+    assert_eq!(
+        reads.load(Ordering::Relaxed),
+        1,
+        "read once, not per module"
+    );
+    assert!(
+        points(&outbox).is_empty(),
+        "nothing flushed from a wrong state"
+    );
     shard.stop();
 }
 

@@ -42,8 +42,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::router::{KeyBatch, Router, RouterConfig, SeriesKey};
 use crate::runtime::{InstanceError, Runtime};
 use crate::shard::{
-    Assignment, Command, Outbox, ShadowReport, ShardEvent, ShardHandle, ShardSpec, ShardStats,
-    StateRow, SwapReport,
+    Assignment, Command, Outbox, SavedState, ShadowReport, ShardEvent, ShardHandle, ShardSpec,
+    ShardStats, StateRow, SwapReport,
 };
 use crate::sink::Sink;
 use crate::source::amqp::{Delivery, DeliveryTag, SourceError};
@@ -388,6 +388,9 @@ struct Coordinator<S: Source> {
     batch_started: Option<Instant>,
     outbox: Arc<Outbox>,
     store: CheckpointStore,
+    /// Where shards read their snapshots back from once a checkpoint is on
+    /// disk.
+    saved: SavedState,
     counters: Arc<PipelineCounters>,
     metrics: Arc<Metrics>,
     flushed_watermark: u64,
@@ -451,6 +454,7 @@ pub async fn run<S: Source>(
         router,
         shards,
         outbox: outbox.clone(),
+        saved: saved_state(store.clone(), Router::new(parts.router.clone())),
         store,
         counters: counters.clone(),
         metrics: metrics.clone(),
@@ -517,13 +521,7 @@ fn start_shards(
     for row in rows {
         // Rows are stored by key, not by shard, so a checkpoint survives a
         // change of the shard count: each row goes where its key hashes now.
-        let shard = SeriesKey::parse(&row.key)
-            .and_then(|k| router.shard_of_key(&k))
-            .ok_or_else(|| PipelineError::Config(
-                "the checkpoint holds a series key that does not fit the [router] rollups; restore the configuration it was written with"
-                    .into(),
-                )
-                )?;
+        let shard = shard_of_row(router, &row).map_err(PipelineError::Config)?;
         per_shard[shard as usize].push(row);
     }
     per_shard
@@ -548,6 +546,34 @@ fn start_shards(
             )
         })
         .collect()
+}
+
+/// The shard a checkpoint's row belongs to.
+fn shard_of_row(router: &Router, row: &StateRow) -> Result<u32, String> {
+    SeriesKey::parse(&row.key)
+        .and_then(|k| router.shard_of_key(&k))
+        .ok_or_else(|| {
+            "the checkpoint holds a series key that does not fit the [router] rollups; restore the configuration it was written with"
+                .into()
+        })
+}
+
+/// Reads one shard's rows back from the checkpoint in `store`: the rows
+/// [`start_shards`] would give it.
+fn saved_state(store: CheckpointStore, router: Router) -> SavedState {
+    SavedState::new(move |shard| {
+        let cp = store
+            .load()
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{} is gone", store.path().display()))?;
+        let mut rows = Vec::new();
+        for row in cp.rows.into_vec() {
+            if shard_of_row(&router, &row)? == shard {
+                rows.push(row);
+            }
+        }
+        Ok(rows)
+    })
 }
 
 /// Writes whatever the outbox holds, in order, retrying a failed write
@@ -940,6 +966,13 @@ impl<S: Source> Coordinator<S> {
         tokio::task::spawn_blocking(move || store.save(&cp))
             .await
             .map_err(|e| PipelineError::Config(format!("checkpoint writer panicked: {e}")))??;
+        // Each shard's snapshot is on disk now: the shards need not hold it.
+        for shard in &self.shards {
+            shard
+                .send(Command::Checkpointed(self.saved.clone()))
+                .await
+                .map_err(|_| PipelineError::ShardStopped)?;
+        }
         CheckpointWritten {
             rows,
             pending_points,
@@ -1022,5 +1055,54 @@ impl<S: Source> Coordinator<S> {
         };
         self.flush_to(watermark).await?;
         self.checkpoint().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(customer: u32) -> StateRow {
+        StateRow {
+            key: format!("\x00{customer}\0lga\0").into_bytes().into(),
+            bucket: 60,
+            count: u64::from(customer) + 1,
+            sum: 1.0,
+            min: 1.0,
+            max: 1.0,
+        }
+    }
+
+    /// A shard rebuilding its module reads back from the checkpoint file
+    /// the rows a restart would give it: its own, every one of them.
+    #[test]
+    fn a_shard_reads_its_own_rows_back_from_the_checkpoint_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::new(dir.path());
+        let config = Arc::new(RouterConfig::default());
+        let saved = saved_state(store.clone(), Router::new(config.clone()));
+        let err = saved.load(0).expect_err("no checkpoint yet");
+        assert!(err.contains("checkpoint.bin is gone"), "{err}");
+
+        let rows: Vec<StateRow> = (0..40).map(row).collect();
+        store
+            .save(&Checkpoint {
+                version: VERSION,
+                rows: rows.clone().into(),
+                ..Checkpoint::default()
+            })
+            .unwrap();
+        let router = Router::new(config);
+        let mut read_back = Vec::new();
+        for shard in 0..2 {
+            let read = saved.load(shard).unwrap();
+            assert!(!read.is_empty(), "shard {shard} has rows");
+            for r in &read {
+                assert_eq!(shard_of_row(&router, r), Ok(shard), "{r:?}");
+            }
+            read_back.extend(read);
+        }
+        read_back.sort_by_key(|r| r.count);
+        assert_eq!(read_back, rows);
     }
 }

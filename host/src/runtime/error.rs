@@ -103,6 +103,11 @@ pub enum InstanceError {
     /// An earlier call failed; the instance is not entered again.
     #[error("the instance failed earlier and is not entered again: {0}")]
     Poisoned(String),
+    /// The state a new instance had to start from (the shard's last
+    /// snapshot, kept on disk in the checkpoint) could not be read back. No
+    /// module can help: the shard stops rather than run without it.
+    #[error("cannot read the shard's last snapshot back from the checkpoint: {0}")]
+    StateUnreadable(String),
 }
 
 impl InstanceError {
@@ -115,6 +120,7 @@ impl InstanceError {
             InstanceError::BadOutput { .. } => "bad_output",
             InstanceError::Refused { .. } => "refused",
             InstanceError::Poisoned(_) => "poisoned",
+            InstanceError::StateUnreadable(_) => "state_unreadable",
         }
     }
 }

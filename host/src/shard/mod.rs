@@ -137,6 +137,60 @@ pub enum Command {
     /// A hot swap's new instance is ready. Only the shard's own builder
     /// thread can send this (see [`SwapBuilt`]).
     SwapBuilt(SwapBuilt),
+    /// The checkpoint holding the shard's last snapshot is on disk. The
+    /// shard drops its own copy of the snapshot's rows (56 B per open
+    /// bucket) and reads them back from there only if it has to rebuild its
+    /// module. Sent after the [`Command::Snapshot`] it refers to, with no
+    /// other snapshot in between.
+    Checkpointed(SavedState),
+}
+
+/// Reads a shard's rows back from the checkpoint on disk: given the shard
+/// index, the rows of that shard's last snapshot, or why they cannot be
+/// read.
+pub type LoadState = dyn Fn(u32) -> Result<Vec<StateRow>, String> + Send + Sync;
+
+/// Where a shard's last snapshot can be read back from (see
+/// [`Command::Checkpointed`]).
+#[derive(Clone)]
+pub struct SavedState(Arc<LoadState>);
+
+impl SavedState {
+    /// Rows are read back with `load`.
+    pub fn new(
+        load: impl Fn(u32) -> Result<Vec<StateRow>, String> + Send + Sync + 'static,
+    ) -> Self {
+        SavedState(Arc::new(load))
+    }
+
+    /// The rows of shard `shard`'s last snapshot.
+    ///
+    /// # Errors
+    ///
+    /// Why they cannot be read.
+    pub fn load(&self, shard: u32) -> Result<Vec<StateRow>, String> {
+        (self.0)(shard)
+    }
+}
+
+impl std::fmt::Debug for SavedState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SavedState")
+    }
+}
+
+/// The open buckets a rebuilt module starts from: the last snapshot.
+#[derive(Debug)]
+enum Base {
+    /// In memory: shared with the checkpoint being written, or kept because
+    /// no checkpoint on disk holds it yet.
+    Held(Arc<Vec<StateRow>>),
+    /// In the checkpoint on disk; the totals check what is read back.
+    Saved {
+        from: SavedState,
+        rows: usize,
+        samples: u64,
+    },
 }
 
 /// The wake-up a shard's swap builder sends once the new instance is built.
@@ -339,7 +393,7 @@ impl ShardHandle {
             current: spec.assignment.clone(),
             dict: Dictionary::new(),
             batch: Batch::with_capacity(1024),
-            base: Arc::new(restore),
+            base: Base::Held(Arc::new(restore)),
             log: Vec::new(),
             forget_at: None,
             shadow: None,
@@ -417,9 +471,8 @@ struct Shard {
     current: Assignment,
     dict: Dictionary,
     batch: Batch,
-    /// Open buckets at the last snapshot, shared with the checkpoint that
-    /// took it.
-    base: Arc<Vec<StateRow>>,
+    /// Open buckets at the last snapshot.
+    base: Base,
     /// Everything done since `base`.
     log: Vec<Logged>,
     /// The last flush's watermark, until the next snapshot forgets the
@@ -547,6 +600,16 @@ impl Shard {
                     self.finish_swap();
                     continue;
                 }
+                Command::Checkpointed(from) => {
+                    if let Base::Held(rows) = &self.base {
+                        self.base = Base::Saved {
+                            rows: rows.len(),
+                            samples: rows.iter().map(|r| r.count).sum(),
+                            from,
+                        };
+                    }
+                    continue;
+                }
                 cmd => cmd,
             };
             let mut failures = 0;
@@ -590,6 +653,7 @@ impl Shard {
             Command::Stats(_) => self.instance()?.stats().map(Outcome::Stats),
             Command::Swap { .. }
             | Command::SwapBuilt(_)
+            | Command::Checkpointed(_)
             | Command::Shadow { .. }
             | Command::ShadowReport(_) => {
                 unreachable!("handled in `run`")
@@ -621,7 +685,8 @@ impl Shard {
                 self.forget_at = Some(watermark);
             }
             (Command::Snapshot(reply), Outcome::Rows(rows)) => {
-                self.base = Arc::new(rows);
+                let rows = Arc::new(rows);
+                self.base = Base::Held(rows.clone());
                 self.log.clear();
                 // A pending swap's export and `since` hold ids that must
                 // stay known until its replay: forgetting waits for the
@@ -631,7 +696,7 @@ impl Shard {
                 {
                     self.forget(watermark);
                 }
-                let _ = reply.send(self.base.clone());
+                let _ = reply.send(rows);
             }
             (Command::Stats(reply), Outcome::Stats(module_stats)) => {
                 let _ = reply.send(ShardStats {
@@ -893,6 +958,9 @@ impl Shard {
         });
         match self.rebuild() {
             Ok(()) => Ok(()),
+            // Not the module's fault: the fallback could not start from the
+            // snapshot either.
+            Err(unreadable @ InstanceError::StateUnreadable(_)) => Err(unreadable),
             // The module fails again on the data it has to replay (a module
             // that loops or traps on that data): the fallback takes over now,
             // rather than the shard halting on the module's first failure.
@@ -1097,14 +1165,16 @@ impl Shard {
     /// again, and their output (the same totals) is dropped.
     fn rebuild(&mut self) -> Result<(), InstanceError> {
         self.instance = None;
+        // Read first: without the base, no module can be rebuilt.
+        let base = self.base_rows()?;
         let mut instance = self.runtime.instantiate(
             &self.current.module,
             self.spec.bucket_seconds,
             &self.current.options,
         )?;
-        if !self.base.is_empty() {
+        if !base.is_empty() {
             let mut aggs = Aggregates::empty();
-            for row in self.base.iter() {
+            for row in base.iter() {
                 aggs.series.push(self.dict.intern(&row.key, row.bucket));
                 aggs.bucket_start.push(row.bucket);
                 aggs.count.push(row.count);
@@ -1127,6 +1197,45 @@ impl Shard {
         self.replaying = false;
         self.log = log;
         replayed
+    }
+}
+
+impl Shard {
+    /// The last snapshot's rows, read back from the checkpoint if they are
+    /// only there, and then held again until the next checkpoint is on
+    /// disk: a rebuild that fails and falls back reads them once.
+    fn base_rows(&mut self) -> Result<Arc<Vec<StateRow>>, InstanceError> {
+        let (from, rows, samples) = match &self.base {
+            Base::Held(rows) => return Ok(rows.clone()),
+            Base::Saved {
+                from,
+                rows,
+                samples,
+            } => (from, *rows, *samples),
+        };
+        let started = Instant::now();
+        let read = from
+            .load(self.spec.index)
+            .map_err(InstanceError::StateUnreadable)?;
+        let read_samples: u64 = read.iter().map(|r| r.count).sum();
+        if (read.len(), read_samples) != (rows, samples) {
+            // Another checkpoint replaced it, or it was altered: merging it
+            // would silently change the totals.
+            return Err(InstanceError::StateUnreadable(format!(
+                "the checkpoint holds {} rows of {read_samples} samples for shard {}, its last snapshot had {rows} rows of {samples}",
+                read.len(),
+                self.spec.index
+            )));
+        }
+        tracing::info!(
+            shard = self.spec.index,
+            rows,
+            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            "Read the shard's last snapshot back from the checkpoint to rebuild its module."
+        );
+        let read = Arc::new(read);
+        self.base = Base::Held(read.clone());
+        Ok(read)
     }
 }
 
