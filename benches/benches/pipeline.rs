@@ -1,7 +1,8 @@
 //! The host's per-item costs around the module: JSON decode per metric,
 //! routing (shard hashing and series-key building) per metric, dictionary
-//! interning per sample, OpenTSDB JSON encoding per point, and a
-//! checkpoint's encoding per open row.
+//! interning per sample, OpenTSDB JSON encoding per point, a checkpoint's
+//! encoding per open row, and one shard's rows read back from a checkpoint
+//! file (what a module's rebuild reads).
 //!
 //! `cargo bench -p wagg-benches --bench pipeline`
 //!
@@ -14,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use wagg::pipeline::checkpoint::Rows;
+use wagg::pipeline::checkpoint::{Checkpoint, CheckpointStore, Rows, VERSION};
+use wagg::pipeline::saved_state;
 use wagg::router::{KeyBatch, Router, RouterConfig};
 use wagg::shard::{Dictionary, StateRow};
 use wagg::sink::{KeyLayout, Point, encode_json};
@@ -305,9 +307,47 @@ fn encode_live(c: &mut Criterion) {
     group.finish();
 }
 
+/// What a rebuild after a module failure now spends before merging: one
+/// shard's rows read back from the checkpoint file (every shard's rows
+/// decoded, that shard's kept), at `live` open rows over the default
+/// router's two shards.
+fn read_back(c: &mut Criterion) {
+    let mut group = c.benchmark_group("checkpoint/read-back");
+    let config = Arc::new(RouterConfig::default());
+    for live in [1_000usize, 100_000] {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = CheckpointStore::new(dir.path());
+        let (keys, order) = live_keys(live);
+        let rows: Vec<StateRow> = (0..live)
+            .map(|j| StateRow {
+                key: keys[order(j)].clone(),
+                bucket: 1_764_133_200,
+                count: 3,
+                sum: j as f64 + 0.5,
+                min: 0.5,
+                max: 2.0,
+            })
+            .collect();
+        store
+            .save(&Checkpoint {
+                version: VERSION,
+                rows: rows.into(),
+                ..Checkpoint::default()
+            })
+            .expect("the checkpoint is written");
+        let saved = saved_state(store, Router::new(config.clone()));
+        assert!(!saved.load(0).expect("reads back").is_empty());
+        group.throughput(Throughput::Elements(live as u64));
+        group.bench_function(BenchmarkId::new("live", live), |b| {
+            b.iter(|| black_box(saved.load(0).expect("reads back").len()))
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = decode, route, encode
+    targets = decode, route, encode, read_back
 }
 criterion_main!(benches);

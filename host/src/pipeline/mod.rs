@@ -558,9 +558,11 @@ fn shard_of_row(router: &Router, row: &StateRow) -> Result<u32, String> {
         })
 }
 
-/// Reads one shard's rows back from the checkpoint in `store`: the rows
-/// [`start_shards`] would give it.
-fn saved_state(store: CheckpointStore, router: Router) -> SavedState {
+/// Reads one shard's rows back from the checkpoint in `store`: the rows a
+/// restart would give it. Each read decodes the whole file (every shard's
+/// rows and the pending points): a rebuild is rare, memory between
+/// checkpoints is not.
+pub fn saved_state(store: CheckpointStore, router: Router) -> SavedState {
     SavedState::new(move |shard| {
         let cp = store
             .load()
