@@ -5,7 +5,9 @@
 //! complete buckets to the [`Outbox`] as points, and snapshots its open
 //! buckets for checkpoints. When its module fails (a trap, an exhausted
 //! limit, bad output), the shard rebuilds the module's state from the last
-//! snapshot plus a log of what it did since, and carries on; a module that
+//! snapshot (read back from the checkpoint on disk once it is written
+//! there, see [`Command::Checkpointed`]) plus a log of what it did since,
+//! and carries on; a module that
 //! fails again on the same data is replaced by the fallback module (the
 //! built-in hashmap). One shard's failure never stops another.
 //!
