@@ -4,7 +4,7 @@
 //! hostile module costs that module, never a host panic or a wrong point in
 //! the sink.
 
-use std::collections::HashSet;
+use std::hash::BuildHasher;
 
 use foldhash::fast::RandomState;
 
@@ -130,27 +130,43 @@ fn check_shaped_rows(
 ) -> Result<(), InstanceError> {
     let bad = |reason: String| Err(InstanceError::BadOutput { call, reason });
     let n = aggs.series.len();
-    // Seeded per process: a module cannot pick rows that collide.
-    let mut seen = HashSet::with_capacity_and_hasher(n, RandomState::default());
+    // Cut to `n` so that indexing below needs no bounds checks: this loop
+    // runs for every row of every flush and checkpoint.
+    let (series, bucket_start) = (&aggs.series[..n], &aggs.bucket_start[..n]);
+    let (count, sum, min, max) = (
+        &aggs.count[..n],
+        &aggs.sum[..n],
+        &aggs.min[..n],
+        &aggs.max[..n],
+    );
+    let Some(mut seen) = SeenRows::for_rows(n) else {
+        return bad(format!("{n} rows, more than can be checked"));
+    };
+    // Rows come in few buckets: a bucket already found aligned and
+    // complete is not divided again.
+    let mut bucket_ok = None;
     for i in 0..n {
-        let (series, bucket) = (aggs.series[i], aggs.bucket_start[i]);
-        if rules.bucket_seconds == 0 || bucket % rules.bucket_seconds != 0 {
-            return bad(format!(
-                "row {i}: bucket start {bucket} is not a multiple of {} s",
-                rules.bucket_seconds
-            ));
+        let bucket = bucket_start[i];
+        if bucket_ok != Some(bucket) {
+            if rules.bucket_seconds == 0 || bucket % rules.bucket_seconds != 0 {
+                return bad(format!(
+                    "row {i}: bucket start {bucket} is not a multiple of {} s",
+                    rules.bucket_seconds
+                ));
+            }
+            if let Some(watermark) = rules.watermark
+                && bucket.saturating_add(rules.bucket_seconds) > watermark
+            {
+                return bad(format!(
+                    "row {i}: bucket {bucket} is not complete at watermark {watermark}"
+                ));
+            }
+            bucket_ok = Some(bucket);
         }
-        if let Some(watermark) = rules.watermark
-            && bucket.saturating_add(rules.bucket_seconds) > watermark
-        {
-            return bad(format!(
-                "row {i}: bucket {bucket} is not complete at watermark {watermark}"
-            ));
-        }
-        if aggs.count[i] == 0 {
+        if count[i] == 0 {
             return bad(format!("row {i}: count is 0"));
         }
-        let (sum, min, max) = (aggs.sum[i], aggs.min[i], aggs.max[i]);
+        let (sum, min, max) = (sum[i], min[i], max[i]);
         if !(sum.is_finite() && min.is_finite() && max.is_finite()) {
             return bad(format!(
                 "row {i}: non-finite value (sum {sum}, min {min}, max {max})"
@@ -159,13 +175,67 @@ fn check_shaped_rows(
         if min > max {
             return bad(format!("row {i}: min {min} > max {max}"));
         }
-        if !seen.insert((series, bucket)) {
+        if !seen.insert(i, series, bucket_start) {
             return bad(format!(
-                "row {i}: series {series} bucket {bucket} returned twice"
+                "row {i}: series {} bucket {bucket} returned twice",
+                series[i]
             ));
         }
     }
     Ok(())
+}
+
+/// The rows of one output seen so far, to refuse a (series, bucket)
+/// returned twice.
+///
+/// An open-addressing table of row indices: the pair is read back from the
+/// columns, so a slot is 4 bytes and an insert a hash, a probe and a
+/// compare. A `HashSet<(u64, u64)>` took half of the whole check's
+/// instructions (`benches/instructions.sh`, BENCHMARKS.md session 11). The
+/// hash is seeded per process, so a module cannot pick rows that collide.
+struct SeenRows {
+    /// Row index + 1 per slot; 0 is empty.
+    slots: Vec<u32>,
+    mask: usize,
+    hasher: RandomState,
+}
+
+impl SeenRows {
+    /// A table for `n` rows, at most half full; `None` if row indices do
+    /// not fit a slot.
+    fn for_rows(n: usize) -> Option<Self> {
+        if n >= u32::MAX as usize {
+            return None;
+        }
+        let len = (2 * n).next_power_of_two();
+        Some(SeenRows {
+            slots: vec![0; len],
+            mask: len - 1,
+            hasher: RandomState::default(),
+        })
+    }
+
+    /// Adds row `i`; false if an earlier row has its series and bucket.
+    fn insert(&mut self, i: usize, series: &[u64], bucket: &[u64]) -> bool {
+        let (s, b) = (series[i], bucket[i]);
+        let mut at = self.hasher.hash_one((s, b)) as usize & self.mask;
+        loop {
+            match self.slots[at] {
+                0 => {
+                    // `for_rows` refused indices that do not fit.
+                    self.slots[at] = i as u32 + 1;
+                    return true;
+                }
+                j => {
+                    let j = j as usize - 1;
+                    if series[j] == s && bucket[j] == b {
+                        return false;
+                    }
+                }
+            }
+            at = (at + 1) & self.mask;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -307,6 +377,48 @@ mod tests {
         for (aggs, known, expected) in cases {
             let err = check("flush", &aggs, &RULES, known).expect_err(expected);
             assert!(err.to_string().contains(expected), "{err} lacks {expected}");
+        }
+    }
+
+    /// A bucket checked once is not checked again for later rows of the
+    /// same bucket, and a later row of another bucket still is.
+    #[test]
+    fn every_rows_bucket_is_checked_after_the_first() {
+        for (second, expected) in [
+            (61, "row 2: bucket start 61 is not a multiple"),
+            (120, "row 2: bucket 120 is not complete"),
+        ] {
+            let mut aggs = one_row(7, 60);
+            push_row(&mut aggs, 8, 60);
+            push_row(&mut aggs, 9, second);
+            let err = check("flush", &aggs, &RULES, &|_| true).expect_err(expected);
+            assert!(err.to_string().contains(expected), "{err}");
+        }
+    }
+
+    proptest::proptest! {
+        /// The first row whose (series, bucket) an earlier row has is the
+        /// one refused, as a plain set would find it; rows that share only
+        /// a series or only a bucket pass.
+        #[test]
+        fn the_first_repeated_row_is_refused(
+            rows in proptest::collection::vec((0u64..6, 0u64..3), 0..40),
+        ) {
+            let mut aggs = Aggregates::empty();
+            for &(series, bucket) in &rows {
+                push_row(&mut aggs, series << 40, bucket * 60);
+            }
+            let rules = OutputRules { max_rows: 100, watermark: None, ..RULES };
+            let mut set = std::collections::HashSet::new();
+            let first_repeat = rows.iter().position(|row| !set.insert(*row));
+            match (first_repeat, check("flush", &aggs, &rules, &|_| true)) {
+                (None, Ok(())) => {}
+                (Some(i), Err(err)) => proptest::prop_assert!(
+                    err.to_string().contains(&format!("row {i}: series")),
+                    "{err}, expected row {i}"
+                ),
+                (want, got) => proptest::prop_assert!(false, "{want:?} but {got:?}"),
+            }
         }
     }
 
