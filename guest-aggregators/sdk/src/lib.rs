@@ -442,7 +442,13 @@ impl<A: Aggregator> Driver<A> {
     /// The output is not checked here: the host checks it, and fixtures
     /// rely on being able to return broken output.
     pub fn flush(&mut self, watermark: u64) -> Aggregates {
-        let mut out = Aggregates::default();
+        // Room for every open bucket, an upper bound: grown by doubling,
+        // six columns were copied ~10 times each (in Wasm, a call out to
+        // the host's `memory.copy` per step), ~11 % of hashmap's flush
+        // (BENCHMARKS.md, session 11). `export_state` needs as much at every
+        // checkpoint, so this grows no module's peak memory.
+        let mut out =
+            Aggregates::with_capacity(usize::try_from(self.inner.live_buckets()).unwrap_or(0));
         self.inner.flush(watermark, &mut out);
         out
     }
