@@ -3,7 +3,9 @@
 //! series ids or return NaN are each rolled out at 50 % under live traffic
 //! and must be contained to their shards, rolled back with the failure kind
 //! as the reason, and cost no data: the sink's totals stay exact, `/healthz`
-//! keeps answering, and the other shards keep aggregating.
+//! keeps answering, and the other shards keep aggregating. A shard rebuilt
+//! after a checkpoint reads its snapshot back from the checkpoint file, so
+//! these totals also cover that path.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -603,7 +603,11 @@ impl Shard {
                     continue;
                 }
                 Command::Checkpointed(from) => {
-                    if let Base::Held(rows) = &self.base {
+                    // An empty snapshot costs nothing to hold, and a rebuild
+                    // then need not read the file.
+                    if let Base::Held(rows) = &self.base
+                        && !rows.is_empty()
+                    {
                         self.base = Base::Saved {
                             rows: rows.len(),
                             samples: rows.iter().map(|r| r.count).sum(),
