@@ -3,12 +3,15 @@
 //! replays into the new instance, checked point by point.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, oneshot};
-use wagg::router::{KeyBatch, RouterConfig};
+use wagg::pipeline::checkpoint::{Checkpoint, CheckpointStore, VERSION};
+use wagg::pipeline::saved_state;
+use wagg::router::{KeyBatch, Router, RouterConfig};
 use wagg::runtime::{Runtime, RuntimeLimits};
 use wagg::shard::{
     Assignment, Command, Outbox, SavedState, ShardEvent, ShardHandle, ShardSpec, ShardStats,
@@ -154,13 +157,14 @@ async fn a_rebuild_replays_puts_of_series_a_flush_made_idle() {
     shard.stop();
 }
 
-/// Puts customers 1 and 2, takes a snapshot, and tells the shard that the
-/// checkpoint holding it is on disk, where `disk` reads it back from:
-/// `disk` gets the snapshot's rows and returns what the shard will read.
-/// Returns how many times the shard read.
+/// Puts customers 1 and 2, takes a snapshot, writes a checkpoint file in
+/// `dir` holding `on_disk(snapshot's rows)`, and tells the shard that the
+/// checkpoint holding its snapshot is on disk: the shard reads it back with
+/// the pipeline's reader. Returns how many times the shard read.
 async fn checkpoint_two_series(
     shard: &ShardHandle,
-    disk: impl Fn(Vec<StateRow>) -> Vec<StateRow> + Send + Sync + 'static,
+    dir: &Path,
+    on_disk: impl FnOnce(Vec<StateRow>) -> Vec<StateRow>,
 ) -> Arc<AtomicUsize> {
     put(shard, 1, T0 + 5).await;
     put(shard, 2, T0 + 6).await;
@@ -168,33 +172,47 @@ async fn checkpoint_two_series(
     send(shard, Command::Snapshot(tx)).await;
     let rows = tokio::time::timeout(PATIENCE, rx).await.unwrap().unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
-    let on_disk = disk(rows.to_vec());
+    let store = CheckpointStore::new(dir);
+    store
+        .save(&Checkpoint {
+            version: VERSION,
+            rows: on_disk(rows.to_vec()).into(),
+            ..Checkpoint::default()
+        })
+        .unwrap();
     // Only the shard's copy is left: the test drops its own.
     drop(rows);
+    // One shard in the reader's router: this test puts every customer into
+    // shard 0, wherever the default router would send it.
+    let file = saved_state(
+        store,
+        Router::new(Arc::new(RouterConfig {
+            shards: 1,
+            ..RouterConfig::default()
+        })),
+    );
     let reads = Arc::new(AtomicUsize::new(0));
     let counted = reads.clone();
     let saved = SavedState::new(move |index| {
-        assert_eq!(index, 0, "a shard reads its own rows");
         counted.fetch_add(1, Ordering::Relaxed);
-        Ok(on_disk.clone())
+        file.load(index)
     });
     send(shard, Command::Checkpointed(saved)).await;
     reads
 }
 
 /// Once the checkpoint holding its snapshot is on disk, a shard holds no
-/// copy of the snapshot's rows: a rebuild reads them back. Here the
-/// "disk" is the snapshot as the shard sent it (the pipeline's reader of
-/// the real file is tested in `wagg::pipeline`); the module traps on the
-/// put after the checkpoint, and the rebuilt module must still flush the
-/// two series from before it.
+/// copy of the snapshot's rows: a rebuild reads them back from the file.
+/// The module traps on the put after the checkpoint, and the rebuilt module
+/// must still flush the two series from before it.
 #[tokio::test]
 async fn a_rebuild_after_a_checkpoint_reads_the_snapshot_back() {
     let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
     let (module, fallback) = trap_on_third_put(&runtime);
     let (shard, outbox, mut events_rx) = start_shard(runtime, module, fallback, 2);
 
-    let reads = checkpoint_two_series(&shard, |rows| rows).await;
+    let dir = tempfile::tempdir().unwrap();
+    let reads = checkpoint_two_series(&shard, dir.path(), |rows| rows).await;
     assert_eq!(reads.load(Ordering::Relaxed), 0, "no rebuild yet");
     // The third put traps; the rebuilt instance counts its puts afresh.
     put(&shard, 3, T0 + 7).await;
@@ -226,16 +244,17 @@ async fn a_rebuild_after_a_checkpoint_reads_the_snapshot_back() {
     shard.stop();
 }
 
-/// A checkpoint on disk that no longer matches the snapshot (replaced or
-/// altered) would change the totals if merged: the shard stops instead,
-/// and the pipeline acknowledges nothing more.
+/// A checkpoint file that no longer matches the snapshot (replaced or
+/// altered; here it lacks a row) would change the totals if merged: the
+/// shard stops instead, and the pipeline acknowledges nothing more.
 #[tokio::test]
 async fn a_rebuild_refuses_rows_read_back_that_are_not_the_snapshot() {
     let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
     let (module, fallback) = trap_on_third_put(&runtime);
     let (shard, outbox, _events) = start_shard(runtime, module, fallback, 2);
 
-    let reads = checkpoint_two_series(&shard, |mut rows| {
+    let dir = tempfile::tempdir().unwrap();
+    let reads = checkpoint_two_series(&shard, dir.path(), |mut rows| {
         rows.pop();
         rows
     })
