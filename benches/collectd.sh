@@ -56,10 +56,10 @@
 set -euo pipefail
 
 messages=${1:-10000}
-out=${2:-$(mktemp -d /tmp/wagg-collectd.XXXXXX)}
-mkdir -p "$out"
 here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/benches/drain.sh"
+out=${2:-$(mktemp -d /tmp/wagg-collectd.XXXXXX)}
+new_out_dir collectd.sh "$out"
 wagg=${WAGG:-$here/target/release/wagg}
 ceiling=${CEILING:-$here/target/release/broker-ceiling}
 for b in "$wagg" "$ceiling"; do

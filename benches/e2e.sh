@@ -34,10 +34,10 @@
 set -euo pipefail
 
 messages=${1:-30000}
-out=${2:-$(mktemp -d /tmp/wagg-e2e.XXXXXX)}
-mkdir -p "$out"
 here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/benches/drain.sh"
+out=${2:-$(mktemp -d /tmp/wagg-e2e.XXXXXX)}
+new_out_dir e2e "$out"
 wagg=${WAGG:-$here/target/release/wagg}
 # The loadgen may come from another build than the `wagg run` measured
 # (to compare an older wagg on the same workload).
