@@ -59,6 +59,23 @@ fn start_shard(
     fallback: Assignment,
     forget_after_buckets: u64,
 ) -> (ShardHandle, Arc<Outbox>, broadcast::Receiver<ShardEvent>) {
+    start_shard_with(
+        runtime,
+        assignment,
+        fallback,
+        forget_after_buckets,
+        Vec::new(),
+    )
+}
+
+/// [`start_shard`], its module first merging `restore`.
+fn start_shard_with(
+    runtime: Runtime,
+    assignment: Assignment,
+    fallback: Assignment,
+    forget_after_buckets: u64,
+    restore: Vec<StateRow>,
+) -> (ShardHandle, Arc<Outbox>, broadcast::Receiver<ShardEvent>) {
     let (events, events_rx) = broadcast::channel(64);
     let outbox = Outbox::new();
     let spec = ShardSpec {
@@ -71,7 +88,7 @@ fn start_shard(
         events,
         metrics: Metrics::new(),
     };
-    let shard = ShardHandle::start(spec, runtime, outbox.clone(), Vec::new()).unwrap();
+    let shard = ShardHandle::start(spec, runtime, outbox.clone(), restore).unwrap();
     (shard, outbox, events_rx)
 }
 
@@ -278,6 +295,42 @@ async fn a_rebuild_refuses_rows_read_back_that_are_not_the_snapshot() {
     assert!(
         points(&outbox).is_empty(),
         "nothing flushed from a wrong state"
+    );
+    shard.stop();
+}
+
+/// A module's counts are only checked to be non-zero, so the sample total
+/// a shard keeps to check what it reads back must not overflow on them (a
+/// plain sum panicked the shard thread at the checkpoint, in a debug build).
+#[tokio::test]
+async fn counts_near_u64_max_do_not_stop_a_shard_at_a_checkpoint() {
+    let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
+    let hashmap = runtime.load(wagg_artifacts::HASHMAP.bytes).unwrap();
+    let huge = |customer| StateRow {
+        key: key(customer).into(),
+        bucket: T0,
+        count: u64::MAX - 1,
+        sum: 1.0,
+        min: 1.0,
+        max: 1.0,
+    };
+    let (shard, _outbox, _events) = start_shard_with(
+        runtime,
+        Assignment::plain(hashmap.clone()),
+        Assignment::plain(hashmap),
+        2,
+        vec![huge(1), huge(2)],
+    );
+    let (tx, rx) = oneshot::channel();
+    send(&shard, Command::Snapshot(tx)).await;
+    let rows = tokio::time::timeout(PATIENCE, rx).await.unwrap().unwrap();
+    assert_eq!(rows.len(), 2);
+    let saved = SavedState::new(|_| Err("no rebuild in this test".into()));
+    send(&shard, Command::Checkpointed(saved)).await;
+    assert_eq!(
+        stats(&shard).await.dictionary_series,
+        2,
+        "the shard runs on"
     );
     shard.stop();
 }

@@ -610,7 +610,7 @@ impl Shard {
                     {
                         self.base = Base::Saved {
                             rows: rows.len(),
-                            samples: rows.iter().map(|r| r.count).sum(),
+                            samples: samples_in(rows),
                             from,
                         };
                     }
@@ -1223,7 +1223,7 @@ impl Shard {
         let read = from
             .load(self.spec.index)
             .map_err(InstanceError::StateUnreadable)?;
-        let read_samples: u64 = read.iter().map(|r| r.count).sum();
+        let read_samples = samples_in(&read);
         if (read.len(), read_samples) != (rows, samples) {
             // Another checkpoint replaced it, or it was altered: merging it
             // would silently change the totals.
@@ -1243,6 +1243,12 @@ impl Shard {
         self.base = Base::Held(read.clone());
         Ok(read)
     }
+}
+
+/// Samples in `rows`, as a checksum: wrapping, because a module's counts
+/// are only checked to be non-zero and may add up past `u64::MAX`.
+fn samples_in(rows: &[StateRow]) -> u64 {
+    rows.iter().fold(0, |n, r| n.wrapping_add(r.count))
 }
 
 /// Drops a swapped-out instance off the shard thread: unmapping a large
