@@ -231,6 +231,22 @@ fn live_keys(live: usize) -> (Vec<Arc<[u8]>>, impl Fn(usize) -> usize) {
     (keys, move |j: usize| j.wrapping_mul(2_654_435_761) % live)
 }
 
+/// `live` open rows as a checkpoint holds them, keys from [`live_keys`] in
+/// its scattered order.
+fn live_rows(live: usize) -> Vec<StateRow> {
+    let (keys, order) = live_keys(live);
+    (0..live)
+        .map(|j| StateRow {
+            key: keys[order(j)].clone(),
+            bucket: 1_764_133_200,
+            count: 3,
+            sum: j as f64 + 0.5,
+            min: 0.5,
+            max: 2.0,
+        })
+        .collect()
+}
+
 /// Encoding and checkpointing against many live series: each point's or
 /// row's key is where the dictionary allocated it, not in cache, as in a
 /// host at that scale (`opentsdb-json/per-point` has a thousand keys in
@@ -282,18 +298,7 @@ fn encode_live(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("checkpoint/rows");
     for live in [1_000usize, 100_000] {
-        let (keys, order) = live_keys(live);
-        let rows: Vec<StateRow> = (0..live)
-            .map(|j| StateRow {
-                key: keys[order(j)].clone(),
-                bucket: 1_764_133_200,
-                count: 3,
-                sum: j as f64 + 0.5,
-                min: 0.5,
-                max: 2.0,
-            })
-            .collect();
-        let rows = Rows::from(rows);
+        let rows = Rows::from(live_rows(live));
         let mut out = Vec::with_capacity(100 * live);
         group.throughput(Throughput::Elements(live as u64));
         group.bench_function(BenchmarkId::new("live", live), |b| {
@@ -317,17 +322,7 @@ fn read_back(c: &mut Criterion) {
     for live in [1_000usize, 100_000] {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let store = CheckpointStore::new(dir.path());
-        let (keys, order) = live_keys(live);
-        let rows: Vec<StateRow> = (0..live)
-            .map(|j| StateRow {
-                key: keys[order(j)].clone(),
-                bucket: 1_764_133_200,
-                count: 3,
-                sum: j as f64 + 0.5,
-                min: 0.5,
-                max: 2.0,
-            })
-            .collect();
+        let rows = live_rows(live);
         store
             .save(&Checkpoint {
                 version: VERSION,
