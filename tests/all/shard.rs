@@ -262,39 +262,121 @@ async fn a_rebuild_after_a_checkpoint_reads_the_snapshot_back() {
 }
 
 /// A checkpoint file that no longer matches the snapshot (replaced or
-/// altered; here it lacks a row) would change the totals if merged: the
-/// shard stops instead, and the pipeline acknowledges nothing more.
+/// altered: here it lacks a row, or a row's sum differs) would change the
+/// totals if merged: the shard stops instead, and the pipeline
+/// acknowledges nothing more.
 #[tokio::test]
 async fn a_rebuild_refuses_rows_read_back_that_are_not_the_snapshot() {
-    let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
-    let (module, fallback) = trap_on_third_put(&runtime);
-    let (shard, outbox, _events) = start_shard(runtime, module, fallback, 2);
+    type Alter = fn(&mut Vec<StateRow>);
+    let alterations: [(&str, Alter); 2] = [
+        ("a row missing", |rows| drop(rows.pop())),
+        ("a sum changed", |rows| rows[0].sum += 1.0),
+    ];
+    for (what, alter) in alterations {
+        let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
+        let (module, fallback) = trap_on_third_put(&runtime);
+        let (shard, outbox, _events) = start_shard(runtime, module, fallback, 2);
 
+        let dir = tempfile::tempdir().unwrap();
+        let reads = checkpoint_two_series(&shard, dir.path(), |mut rows| {
+            alter(&mut rows);
+            rows
+        })
+        .await;
+        put(&shard, 3, T0 + 7).await;
+        // The shard may stop before these are queued, or drop them with its
+        // queue: either way they do not run.
+        outbox.flush_sent();
+        let _ = shard.send(Command::Flush(T0 + 2 * WIDTH)).await;
+        let (tx, rx) = oneshot::channel();
+        let _ = shard.send(Command::Stats(tx)).await;
+        let reply = tokio::time::timeout(PATIENCE, rx)
+            .await
+            .expect("a halted shard drops the request at once");
+        assert!(reply.is_err(), "{what}: the shard halted: {reply:?}");
+        assert_eq!(reads.load(Ordering::Relaxed), 1, "{what}: read once");
+        assert!(points(&outbox).is_empty(), "{what}: nothing flushed");
+        shard.stop();
+    }
+}
+
+/// A hot swap whose old module exports bad rows rebuilds that module
+/// before trying again; if the rebuild cannot read the snapshot back, the
+/// shard halts at once, as after any command it cannot recover from,
+/// rather than run on without a module and blame it for the next command.
+#[tokio::test]
+async fn a_swap_whose_rebuild_cannot_read_the_snapshot_halts_the_shard() {
+    let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
+    let misbehave = runtime.load(wagg_artifacts::MISBEHAVE.bytes).unwrap();
+    let hashmap = runtime.load(wagg_artifacts::HASHMAP.bytes).unwrap();
+    let row = |customer| StateRow {
+        key: key(customer).into(),
+        bucket: T0,
+        count: 1,
+        sum: 1.0,
+        min: 1.0,
+        max: 1.0,
+    };
+    // The restored rows are the last snapshot; the checkpoint file the
+    // shard is then pointed at holds none of them.
+    let (shard, _outbox, mut events_rx) = start_shard_with(
+        runtime,
+        Assignment::new(
+            misbehave.clone(),
+            vec![("mode".into(), "double-export".into())],
+            "double-export@1",
+        ),
+        Assignment::plain(hashmap.clone()),
+        2,
+        vec![row(1), row(2)],
+    );
     let dir = tempfile::tempdir().unwrap();
-    let reads = checkpoint_two_series(&shard, dir.path(), |mut rows| {
-        rows.pop();
-        rows
-    })
+    let store = CheckpointStore::new(dir.path());
+    store
+        .save(&Checkpoint {
+            version: VERSION,
+            ..Checkpoint::default()
+        })
+        .unwrap();
+    let file = saved_state(store, Router::new(Arc::new(RouterConfig::default())));
+    send(&shard, Command::Checkpointed(file)).await;
+
+    let (reply, swapped) = oneshot::channel();
+    send(
+        &shard,
+        Command::Swap {
+            to: Assignment::plain(hashmap.clone()),
+            fallback: Assignment::plain(hashmap),
+            reply,
+        },
+    )
     .await;
-    put(&shard, 3, T0 + 7).await;
-    // The shard may stop before these are queued, or drop them with its
-    // queue: either way they do not run.
-    outbox.flush_sent();
-    let _ = shard.send(Command::Flush(T0 + 2 * WIDTH)).await;
+    let err = tokio::time::timeout(PATIENCE, swapped)
+        .await
+        .expect("the shard replies")
+        .expect("the shard replies")
+        .expect_err("the swap fails");
+    assert!(
+        err.to_string()
+            .contains("cannot read the shard's last snapshot back"),
+        "{err}"
+    );
     let (tx, rx) = oneshot::channel();
     let _ = shard.send(Command::Stats(tx)).await;
     let reply = tokio::time::timeout(PATIENCE, rx)
         .await
         .expect("a halted shard drops the request at once");
     assert!(reply.is_err(), "the shard halted: {reply:?}");
+    let failures: Vec<_> = std::iter::from_fn(|| events_rx.try_recv().ok())
+        .filter_map(|e| match e {
+            ShardEvent::ModuleFailed { kind, .. } => Some(kind),
+            _ => None,
+        })
+        .collect();
     assert_eq!(
-        reads.load(Ordering::Relaxed),
-        1,
-        "read once, not per module"
-    );
-    assert!(
-        points(&outbox).is_empty(),
-        "nothing flushed from a wrong state"
+        failures,
+        ["bad_output"],
+        "only the bad export is blamed on the module"
     );
     shard.stop();
 }

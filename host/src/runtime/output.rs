@@ -207,7 +207,7 @@ impl SeenRows {
         if n >= u32::MAX as usize {
             return None;
         }
-        let len = (2 * n).next_power_of_two();
+        let len = n.checked_mul(2)?.checked_next_power_of_two()?;
         Some(SeenRows {
             slots: vec![0; len],
             mask: len - 1,

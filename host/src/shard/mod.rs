@@ -187,11 +187,12 @@ enum Base {
     /// In memory: shared with the checkpoint being written, or kept because
     /// no checkpoint on disk holds it yet.
     Held(Arc<Vec<StateRow>>),
-    /// In the checkpoint on disk; the totals check what is read back.
+    /// In the checkpoint on disk; the row count and [`checksum`] check
+    /// what is read back.
     Saved {
         from: SavedState,
         rows: usize,
-        samples: u64,
+        checksum: u64,
     },
 }
 
@@ -407,6 +408,7 @@ impl ShardHandle {
             deferred_swaps: VecDeque::new(),
             wake: tx.downgrade(),
             shape: PointShape::new(&spec.router),
+            halted: None,
             spec,
             runtime,
             outbox,
@@ -422,6 +424,12 @@ impl ShardHandle {
             thread: Some(thread),
             counters,
         })
+    }
+
+    /// Queues a command if the shard's queue has room; false if it has
+    /// not, or the shard has stopped.
+    pub fn try_send(&self, cmd: Command) -> bool {
+        self.tx.try_send(cmd).is_ok()
     }
 
     /// Queues a command, waiting while the shard's queue is full.
@@ -503,6 +511,9 @@ struct Shard {
     wake: mpsc::WeakSender<Command>,
     /// The metric name and tag layouts of the points it flushes.
     shape: PointShape,
+    /// Set when a swap's recovery could not rebuild the running module: the
+    /// shard halts, as after any command it cannot recover from.
+    halted: Option<InstanceError>,
 }
 
 /// A `Command::Swap`, as the shard holds it until it can start.
@@ -596,10 +607,16 @@ impl Shard {
                     } else {
                         self.start_swap(request, false);
                     }
+                    if self.halt() {
+                        return;
+                    }
                     continue;
                 }
                 Command::SwapBuilt(SwapBuilt(())) => {
                     self.finish_swap();
+                    if self.halt() {
+                        return;
+                    }
                     continue;
                 }
                 Command::Checkpointed(from) => {
@@ -610,7 +627,7 @@ impl Shard {
                     {
                         self.base = Base::Saved {
                             rows: rows.len(),
-                            samples: samples_in(rows),
+                            checksum: checksum(rows),
                             from,
                         };
                     }
@@ -625,15 +642,8 @@ impl Shard {
                     Err(err) => {
                         failures += 1;
                         if let Err(fatal) = self.recover(&err, failures) {
-                            // Nothing can run this shard's data any more:
-                            // the shard stops taking commands, so the
-                            // pipeline stalls and acknowledges nothing
-                            // rather than lose data.
-                            ShardHalted {
-                                shard: self.spec.index,
-                                error: &fatal,
-                            }
-                            .emit(&self.spec.metrics);
+                            self.halted = Some(fatal);
+                            self.halt();
                             return;
                         }
                     }
@@ -977,6 +987,23 @@ impl Shard {
         }
     }
 
+    /// Reports the halt if one is due (see [`Shard::halted`]); true if the
+    /// shard must stop taking commands.
+    fn halt(&mut self) -> bool {
+        let Some(fatal) = self.halted.take() else {
+            return false;
+        };
+        // Nothing can run this shard's data any more: the shard stops
+        // taking commands, so the pipeline stalls and acknowledges nothing
+        // rather than lose data.
+        ShardHalted {
+            shard: self.spec.index,
+            error: &fatal,
+        }
+        .emit(&self.spec.metrics);
+        true
+    }
+
     /// Starts a hot swap: the running module exports its open buckets, and
     /// a builder thread makes a new instance of `to` that merges them (see
     /// [`PendingSwap`]); [`Shard::finish_swap`] completes it. If the old
@@ -990,10 +1017,16 @@ impl Shard {
         let started = Instant::now();
         let state = match self.export_for_swap() {
             Ok(state) => state,
-            Err(err) => match self.recover(&err, 1).and_then(|()| self.export_for_swap()) {
-                Ok(state) => state,
-                Err(err) => return self.swap_failed(request, err),
-            },
+            Err(err) => {
+                if let Err(fatal) = self.recover(&err, 1) {
+                    self.halted = Some(fatal.clone());
+                    return self.swap_failed(request, fatal);
+                }
+                match self.export_for_swap() {
+                    Ok(state) => state,
+                    Err(err) => return self.swap_failed(request, err),
+                }
+            }
         };
         let export = started.elapsed();
         let rows = state.len();
@@ -1069,7 +1102,10 @@ impl Shard {
                         return;
                     }
                     Ok(()) => Err(err),
-                    Err(fatal) => Err(fatal),
+                    Err(fatal) => {
+                        self.halted = Some(fatal.clone());
+                        Err(fatal)
+                    }
                 }
             }
         };
@@ -1116,7 +1152,7 @@ impl Shard {
     /// is pending again (one that fails to start answers at once). Keeps the
     /// invariant that swaps wait only behind a pending one.
     fn start_deferred_swaps(&mut self) {
-        while self.pending_swap.is_none() {
+        while self.pending_swap.is_none() && self.halted.is_none() {
             let Some(next) = self.deferred_swaps.pop_front() else {
                 return;
             };
@@ -1211,24 +1247,24 @@ impl Shard {
     /// only there, and then held again until the next checkpoint is on
     /// disk: a rebuild that fails and falls back reads them once.
     fn base_rows(&mut self) -> Result<Arc<Vec<StateRow>>, InstanceError> {
-        let (from, rows, samples) = match &self.base {
+        let (from, rows, sum) = match &self.base {
             Base::Held(rows) => return Ok(rows.clone()),
             Base::Saved {
                 from,
                 rows,
-                samples,
-            } => (from, *rows, *samples),
+                checksum,
+            } => (from, *rows, *checksum),
         };
         let started = Instant::now();
         let read = from
             .load(self.spec.index)
             .map_err(InstanceError::StateUnreadable)?;
-        let read_samples = samples_in(&read);
-        if (read.len(), read_samples) != (rows, samples) {
+        let read_sum = checksum(&read);
+        if (read.len(), read_sum) != (rows, sum) {
             // Another checkpoint replaced it, or it was altered: merging it
             // would silently change the totals.
             return Err(InstanceError::StateUnreadable(format!(
-                "the checkpoint holds {} rows of {read_samples} samples for shard {}, its last snapshot had {rows} rows of {samples}",
+                "the checkpoint holds {} rows for shard {} (checksum {read_sum:#x}), its last snapshot had {rows} (checksum {sum:#x})",
                 read.len(),
                 self.spec.index
             )));
@@ -1245,10 +1281,20 @@ impl Shard {
     }
 }
 
-/// Samples in `rows`, as a checksum: wrapping, because a module's counts
-/// are only checked to be non-zero and may add up past `u64::MAX`.
-fn samples_in(rows: &[StateRow]) -> u64 {
-    rows.iter().fold(0, |n, r| n.wrapping_add(r.count))
+/// A checksum of `rows`' buckets and aggregates, whatever their order. Keys
+/// are left out: reading each one at every checkpoint would cost a cache
+/// miss per row (BENCHMARKS.md, session 8). Wrapping: a module's counts are
+/// only checked to be non-zero, and may add up past `u64::MAX`.
+fn checksum(rows: &[StateRow]) -> u64 {
+    rows.iter().fold(0, |n: u64, r| {
+        n.wrapping_add(
+            r.count
+                ^ r.bucket.rotate_left(16)
+                ^ r.sum.to_bits().rotate_left(24)
+                ^ r.min.to_bits().rotate_left(40)
+                ^ r.max.to_bits().rotate_left(56),
+        )
+    })
 }
 
 /// Drops a swapped-out instance off the shard thread: unmapping a large
