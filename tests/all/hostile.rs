@@ -4,8 +4,9 @@
 //! and must be contained to their shards, rolled back with the failure kind
 //! as the reason, and cost no data: the sink's totals stay exact, `/healthz`
 //! keeps answering, and the other shards keep aggregating. A shard rebuilt
-//! after a checkpoint reads its snapshot back from the checkpoint file, so
-//! these totals also cover that path.
+//! after a checkpoint reads its snapshot back from the checkpoint file
+//! (`wagg_shard_state_reads_total`, checked), so these totals also cover
+//! that path.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -318,6 +319,13 @@ async fn hostile_candidates_are_contained_rolled_back_and_lose_nothing() {
         .filter(|l| l.starts_with("wagg_shards_halted_total") && !l.ends_with(" 0"))
         .collect();
     assert!(halted.is_empty(), "{halted:?}");
+    // Rebuilds after a checkpoint read the snapshot back from the file.
+    let reads: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("wagg_shard_state_reads_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(reads > 0.0, "no rebuild read its snapshot back");
     for h in HOSTILE {
         let module = format!(r#"module="hostile-{}@1""#, h.mode);
         let reason = format!(r#"reason="{}""#, h.kind);

@@ -43,7 +43,7 @@ use crate::runtime::{
 use crate::sink::{KeyLayout, Point, TOUCH_RUN, touch_key};
 use crate::telemetry::{
     BatchPut, Metrics, ModuleFailed, ModuleFlushed, PointsFlushed, Recovery, ShardHalted,
-    ShardQueueDepth, ShardSwapped, SwapFailed,
+    ShardQueueDepth, ShardSwapped, StateReadBack, SwapFailed,
 };
 
 /// One open bucket of one series, by key: the form of a shard's state in a
@@ -1269,12 +1269,12 @@ impl Shard {
                 self.spec.index
             )));
         }
-        tracing::info!(
-            shard = self.spec.index,
+        StateReadBack {
+            shard: self.spec.index,
             rows,
-            duration_ms = started.elapsed().as_secs_f64() * 1e3,
-            "Read the shard's last snapshot back from the checkpoint to rebuild its module."
-        );
+            duration: started.elapsed(),
+        }
+        .emit(&self.spec.metrics);
         let read = Arc::new(read);
         self.base = Base::Held(read.clone());
         Ok(read)

@@ -561,6 +561,34 @@ impl ShardHalted<'_> {
     }
 }
 
+/// A shard read its last snapshot back from the checkpoint file, to
+/// rebuild its module.
+#[derive(Debug, Clone, Copy)]
+pub struct StateReadBack {
+    /// Shard index.
+    pub shard: u32,
+    /// Rows read.
+    pub rows: usize,
+    /// How long reading took.
+    pub duration: Duration,
+}
+
+impl StateReadBack {
+    /// INFO; `wagg_shard_state_reads_total{shard}` +1.
+    pub fn emit(&self, metrics: &Metrics) {
+        tracing::info!(
+            shard = self.shard,
+            rows = self.rows,
+            duration_ms = self.duration.as_secs_f64() * 1e3,
+            "Read the shard's last snapshot back from the checkpoint to rebuild its module."
+        );
+        metrics
+            .shard_state_reads
+            .with_label_values(&[shard_label(self.shard)])
+            .inc();
+    }
+}
+
 /// A hot swap finished: the shard runs `to` with the open buckets `from`
 /// held.
 #[derive(Debug, Clone, Copy)]

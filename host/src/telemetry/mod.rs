@@ -49,6 +49,7 @@
 //! | `wagg_shard_flush_duration_seconds` | histogram | `shard` |
 //! | `wagg_points_flushed_total` | counter | `shard` |
 //! | `wagg_shards_halted_total` | counter | `shard` |
+//! | `wagg_shard_state_reads_total` | counter | `shard` |
 //! | `wagg_module_put_duration_seconds` | histogram | `module`, `shard` |
 //! | `wagg_module_flush_duration_seconds` | histogram | `module`, `shard` |
 //! | `wagg_module_fuel_per_sample` | histogram | `module`, `shard` |
@@ -134,6 +135,7 @@ pub struct Metrics {
     shard_flush_duration: HistogramVec,
     points_flushed: IntCounterVec,
     shards_halted: IntCounterVec,
+    shard_state_reads: IntCounterVec,
 
     // Modules.
     module_put_duration: HistogramVec,
@@ -345,6 +347,12 @@ impl Metrics {
                 &r,
                 "wagg_shards_halted_total",
                 "Shards that stopped because neither their module nor the fallback could rebuild their state; the pipeline stalls.",
+                &["shard"],
+            ),
+            shard_state_reads: counter_vec(
+                &r,
+                "wagg_shard_state_reads_total",
+                "Rebuilds that read the shard's last snapshot back from the checkpoint file.",
                 &["shard"],
             ),
             module_put_duration: histogram_vec(
@@ -613,6 +621,7 @@ mod tests {
         ("wagg_shard_flush_duration_seconds", "histogram", &["shard"]),
         ("wagg_points_flushed_total", "counter", &["shard"]),
         ("wagg_shards_halted_total", "counter", &["shard"]),
+        ("wagg_shard_state_reads_total", "counter", &["shard"]),
         (
             "wagg_module_put_duration_seconds",
             "histogram",
@@ -795,6 +804,12 @@ mod tests {
         ShardHalted {
             shard: 2,
             error: &error(),
+        }
+        .emit(m);
+        StateReadBack {
+            shard: 1,
+            rows: 10,
+            duration: Duration::from_millis(3),
         }
         .emit(m);
         ShardSwapped {
