@@ -14,15 +14,19 @@ use alloc::format;
 use alloc::string::String;
 use core::mem;
 
-use wagg_guest::{Agg, Aggregates, Aggregator, flush_bound};
+use hashbrown::{HashMap, hash_map};
+use wagg_guest::{Agg, Aggregates, Aggregator, FastState, flush_bound};
 
 /// B-tree aggregation; see the crate docs.
 #[derive(Debug, Default)]
 pub struct BTreeAgg {
     bucket_seconds: u64,
     buckets: BTreeMap<(u64, u64), Agg>,
-    /// Open buckets per series, so `live_series` needs no scan.
-    series: BTreeMap<u64, u32>,
+    /// Open buckets per series, so `live_series` needs no scan. Hashed, not
+    /// ordered: nothing reads it in order, and removing from a `BTreeMap`
+    /// shifts the node's entries, 8 `memory.copy` calls out to the host per
+    /// flushed row in Wasm (BENCHMARKS.md, session 11).
+    series: HashMap<u64, u32, FastState>,
 }
 
 impl BTreeAgg {
@@ -67,7 +71,7 @@ impl Aggregator for BTreeAgg {
         out.reserve(closed.len());
         for ((b, s), agg) in closed {
             out.push(s, b, &agg);
-            if let Entry::Occupied(mut e) = self.series.entry(s) {
+            if let hash_map::Entry::Occupied(mut e) = self.series.entry(s) {
                 *e.get_mut() -= 1;
                 if *e.get() == 0 {
                     e.remove();
