@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, oneshot};
 use wagg::pipeline::checkpoint::{Checkpoint, CheckpointStore, VERSION};
 use wagg::pipeline::saved_state;
 use wagg::router::{KeyBatch, Router, RouterConfig};
-use wagg::runtime::{Runtime, RuntimeLimits};
+use wagg::runtime::{InstanceError, LoadedModule, Runtime, RuntimeLimits};
 use wagg::shard::{
     Assignment, Command, Outbox, SavedState, ShardEvent, ShardHandle, ShardSpec, ShardStats,
     StateRow,
@@ -49,6 +49,36 @@ async fn stats(shard: &ShardHandle) -> ShardStats {
         .await
         .expect("the shard replies (it has not halted)")
         .expect("the shard replies")
+}
+
+/// Asserts that the shard halted: it answers nothing any more. A command
+/// may be refused, or dropped with the halted shard's queue.
+async fn assert_halted(shard: &ShardHandle, what: &str) {
+    let (tx, rx) = oneshot::channel();
+    let _ = shard.send(Command::Stats(tx)).await;
+    let reply = tokio::time::timeout(PATIENCE, rx)
+        .await
+        .expect("a halted shard drops the request at once");
+    assert!(reply.is_err(), "{what}: the shard halted: {reply:?}");
+}
+
+/// Swaps to `hashmap` (falling back to it too), expecting the swap to fail.
+async fn failed_swap_to(shard: &ShardHandle, hashmap: &Arc<LoadedModule>) -> InstanceError {
+    let (reply, swapped) = oneshot::channel();
+    send(
+        shard,
+        Command::Swap {
+            to: Assignment::plain(hashmap.clone()),
+            fallback: Assignment::plain(hashmap.clone()),
+            reply,
+        },
+    )
+    .await;
+    tokio::time::timeout(PATIENCE, swapped)
+        .await
+        .expect("the shard replies")
+        .expect("the shard replies")
+        .expect_err("the swap fails")
 }
 
 /// Shard 0 of the default router running `assignment` (`fallback` takes
@@ -288,12 +318,7 @@ async fn a_rebuild_refuses_rows_read_back_that_are_not_the_snapshot() {
         // queue: either way they do not run.
         outbox.flush_sent();
         let _ = shard.send(Command::Flush(T0 + 2 * WIDTH)).await;
-        let (tx, rx) = oneshot::channel();
-        let _ = shard.send(Command::Stats(tx)).await;
-        let reply = tokio::time::timeout(PATIENCE, rx)
-            .await
-            .expect("a halted shard drops the request at once");
-        assert!(reply.is_err(), "{what}: the shard halted: {reply:?}");
+        assert_halted(&shard, what).await;
         assert_eq!(reads.load(Ordering::Relaxed), 1, "{what}: read once");
         assert!(points(&outbox).is_empty(), "{what}: nothing flushed");
         shard.stop();
@@ -341,32 +366,13 @@ async fn a_swap_whose_rebuild_cannot_read_the_snapshot_halts_the_shard() {
     let file = saved_state(store, Router::new(Arc::new(RouterConfig::default())));
     send(&shard, Command::Checkpointed(file)).await;
 
-    let (reply, swapped) = oneshot::channel();
-    send(
-        &shard,
-        Command::Swap {
-            to: Assignment::plain(hashmap.clone()),
-            fallback: Assignment::plain(hashmap),
-            reply,
-        },
-    )
-    .await;
-    let err = tokio::time::timeout(PATIENCE, swapped)
-        .await
-        .expect("the shard replies")
-        .expect("the shard replies")
-        .expect_err("the swap fails");
+    let err = failed_swap_to(&shard, &hashmap).await;
     assert!(
         err.to_string()
             .contains("cannot read the shard's last snapshot back"),
         "{err}"
     );
-    let (tx, rx) = oneshot::channel();
-    let _ = shard.send(Command::Stats(tx)).await;
-    let reply = tokio::time::timeout(PATIENCE, rx)
-        .await
-        .expect("a halted shard drops the request at once");
-    assert!(reply.is_err(), "the shard halted: {reply:?}");
+    assert_halted(&shard, "after the swap").await;
     let failures: Vec<_> = std::iter::from_fn(|| events_rx.try_recv().ok())
         .filter_map(|e| match e {
             ShardEvent::ModuleFailed { kind, .. } => Some(kind),
@@ -545,21 +551,7 @@ async fn a_swap_from_a_module_whose_export_repeats_rows_fails_and_loses_nothing(
     put(&shard, 1, T0 + 5).await;
     put(&shard, 2, T0 + 6).await;
 
-    let (reply, swapped) = oneshot::channel();
-    send(
-        &shard,
-        Command::Swap {
-            to: Assignment::plain(hashmap.clone()),
-            fallback: Assignment::plain(hashmap),
-            reply,
-        },
-    )
-    .await;
-    let err = tokio::time::timeout(PATIENCE, swapped)
-        .await
-        .expect("the shard replies")
-        .expect("the shard replies")
-        .expect_err("rows exported twice fail the swap");
+    let err = failed_swap_to(&shard, &hashmap).await;
     assert!(err.to_string().contains("returned twice"), "{err}");
     let rebuilds: Vec<_> = std::iter::from_fn(|| events_rx.try_recv().ok())
         .filter_map(|e| match e {
