@@ -442,23 +442,26 @@ impl<A: Aggregator> Driver<A> {
     /// The output is not checked here: the host checks it, and fixtures
     /// rely on being able to return broken output.
     pub fn flush(&mut self, watermark: u64) -> Aggregates {
-        // Room for every open bucket, an upper bound: grown by doubling,
-        // six columns were copied ~10 times each (in Wasm, a call out to
-        // the host's `memory.copy` per step), ~11 % of hashmap's flush
-        // (BENCHMARKS.md, session 11). `export_state` needs as much at every
-        // checkpoint, so this grows no module's peak memory.
-        let mut out =
-            Aggregates::with_capacity(usize::try_from(self.inner.live_buckets()).unwrap_or(0));
+        let mut out = self.room_for_open_buckets();
         self.inner.flush(watermark, &mut out);
         out
     }
 
     /// Every open bucket's partial aggregate, without removing it.
     pub fn export_state(&self) -> Aggregates {
-        let mut out =
-            Aggregates::with_capacity(usize::try_from(self.inner.live_buckets()).unwrap_or(0));
+        let mut out = self.room_for_open_buckets();
         self.inner.export_state(&mut out);
         out
+    }
+
+    /// Empty output with room for every open bucket: all of them for an
+    /// export, an upper bound for a flush. Grown by doubling instead, six
+    /// columns were copied ~10 times each (in Wasm, a call out to the
+    /// host's `memory.copy` per step), ~11 % of hashmap's flush
+    /// (BENCHMARKS.md, session 11). An export needs as much at every
+    /// checkpoint, so a flush's reservation grows no module's peak memory.
+    fn room_for_open_buckets(&self) -> Aggregates {
+        Aggregates::with_capacity(usize::try_from(self.inner.live_buckets()).unwrap_or(0))
     }
 
     /// Merges partial aggregates into the open buckets. Every row is

@@ -445,6 +445,7 @@ pub async fn run<S: Source>(
         .shards
         .set(shards.iter().map(|s| s.counters().clone()).collect());
     let n = shards.len();
+    let saved = saved_state(store.clone(), router.clone());
     let mut co = Coordinator {
         batches: (0..n)
             .map(|_| KeyBatch::with_capacity(parts.config.batch_size))
@@ -454,7 +455,7 @@ pub async fn run<S: Source>(
         router,
         shards,
         outbox: outbox.clone(),
-        saved: saved_state(store.clone(), Router::new(parts.router.clone())),
+        saved,
         store,
         counters: counters.clone(),
         metrics: metrics.clone(),
