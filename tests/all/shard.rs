@@ -51,6 +51,37 @@ async fn stats(shard: &ShardHandle) -> ShardStats {
         .expect("the shard replies")
 }
 
+/// The shard's next snapshot (`Command::Snapshot`, as a checkpoint takes it).
+async fn snapshot(shard: &ShardHandle) -> Arc<Vec<StateRow>> {
+    let (tx, rx) = oneshot::channel();
+    send(shard, Command::Snapshot(tx)).await;
+    tokio::time::timeout(PATIENCE, rx)
+        .await
+        .expect("the shard replies")
+        .expect("the shard replies")
+}
+
+/// One open bucket at `T0` of `customer`, holding `count` samples of 1.0.
+fn open_row(customer: u32, count: u64) -> StateRow {
+    StateRow {
+        key: key(customer).into(),
+        bucket: T0,
+        count,
+        sum: 1.0,
+        min: 1.0,
+        max: 1.0,
+    }
+}
+
+/// `misbehave` exporting every row twice (the output check refuses it).
+fn double_export(misbehave: &Arc<LoadedModule>) -> Assignment {
+    Assignment::new(
+        misbehave.clone(),
+        vec![("mode".into(), "double-export".into())],
+        "double-export@1",
+    )
+}
+
 /// Asserts that the shard halted: it answers nothing any more. A command
 /// may be refused, or dropped with the halted shard's queue.
 async fn assert_halted(shard: &ShardHandle, what: &str) {
@@ -196,9 +227,7 @@ async fn a_rebuild_replays_puts_of_series_a_flush_made_idle() {
     );
     // Idle series are forgotten when a snapshot clears the log, not before.
     assert_eq!(before_snapshot.dictionary_series, 3);
-    let (tx, rx) = oneshot::channel();
-    send(&shard, Command::Snapshot(tx)).await;
-    let rows = tokio::time::timeout(PATIENCE, rx).await.unwrap().unwrap();
+    let rows = snapshot(&shard).await;
     assert!(rows.is_empty(), "every bucket was flushed: {rows:?}");
     assert_eq!(stats(&shard).await.dictionary_series, 0);
     shard.stop();
@@ -215,9 +244,7 @@ async fn checkpoint_two_series(
 ) -> Arc<AtomicUsize> {
     put(shard, 1, T0 + 5).await;
     put(shard, 2, T0 + 6).await;
-    let (tx, rx) = oneshot::channel();
-    send(shard, Command::Snapshot(tx)).await;
-    let rows = tokio::time::timeout(PATIENCE, rx).await.unwrap().unwrap();
+    let rows = snapshot(shard).await;
     assert_eq!(rows.len(), 2, "{rows:?}");
     let store = CheckpointStore::new(dir);
     store
@@ -334,26 +361,14 @@ async fn a_swap_whose_rebuild_cannot_read_the_snapshot_halts_the_shard() {
     let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
     let misbehave = runtime.load(wagg_artifacts::MISBEHAVE.bytes).unwrap();
     let hashmap = runtime.load(wagg_artifacts::HASHMAP.bytes).unwrap();
-    let row = |customer| StateRow {
-        key: key(customer).into(),
-        bucket: T0,
-        count: 1,
-        sum: 1.0,
-        min: 1.0,
-        max: 1.0,
-    };
     // The restored rows are the last snapshot; the checkpoint file the
     // shard is then pointed at holds none of them.
     let (shard, _outbox, mut events_rx) = start_shard_with(
         runtime,
-        Assignment::new(
-            misbehave.clone(),
-            vec![("mode".into(), "double-export".into())],
-            "double-export@1",
-        ),
+        double_export(&misbehave),
         Assignment::plain(hashmap.clone()),
         2,
-        vec![row(1), row(2)],
+        vec![open_row(1, 1), open_row(2, 1)],
     );
     let dir = tempfile::tempdir().unwrap();
     let store = CheckpointStore::new(dir.path());
@@ -394,25 +409,14 @@ async fn a_swap_whose_rebuild_cannot_read_the_snapshot_halts_the_shard() {
 async fn counts_near_u64_max_do_not_stop_a_shard_at_a_checkpoint() {
     let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
     let hashmap = runtime.load(wagg_artifacts::HASHMAP.bytes).unwrap();
-    let huge = |customer| StateRow {
-        key: key(customer).into(),
-        bucket: T0,
-        count: u64::MAX - 1,
-        sum: 1.0,
-        min: 1.0,
-        max: 1.0,
-    };
     let (shard, _outbox, _events) = start_shard_with(
         runtime,
         Assignment::plain(hashmap.clone()),
         Assignment::plain(hashmap),
         2,
-        vec![huge(1), huge(2)],
+        vec![open_row(1, u64::MAX - 1), open_row(2, u64::MAX - 1)],
     );
-    let (tx, rx) = oneshot::channel();
-    send(&shard, Command::Snapshot(tx)).await;
-    let rows = tokio::time::timeout(PATIENCE, rx).await.unwrap().unwrap();
-    assert_eq!(rows.len(), 2);
+    assert_eq!(snapshot(&shard).await.len(), 2);
     let saved = SavedState::new(|_| Err("no rebuild in this test".into()));
     send(&shard, Command::Checkpointed(saved)).await;
     assert_eq!(
@@ -540,11 +544,7 @@ async fn a_swap_from_a_module_whose_export_repeats_rows_fails_and_loses_nothing(
     let hashmap = runtime.load(wagg_artifacts::HASHMAP.bytes).unwrap();
     let (shard, outbox, mut events_rx) = start_shard(
         runtime,
-        Assignment::new(
-            misbehave.clone(),
-            vec![("mode".into(), "double-export".into())],
-            "double-export@1",
-        ),
+        double_export(&misbehave),
         Assignment::plain(hashmap.clone()),
         2,
     );
