@@ -166,7 +166,7 @@ impl Broker {
             for p in cp
                 .pending
                 .iter()
-                .filter(|p| p.tags.get("customer") == Some(customer.as_str()))
+                .filter(|p| p.tags.get("customer").as_deref() == Some(customer.as_str()))
             {
                 found.push(("checkpoint pending", p.value));
             }

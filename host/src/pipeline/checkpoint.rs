@@ -17,6 +17,12 @@
 //! written every second or so. A version 1
 //! JSON checkpoint left by an older wagg is still read, once: the first new
 //! checkpoint replaces it.
+//!
+//! Version 3 writes series keys with back-references
+//! ([`crate::router::KeyValues`]). A version 2 or 1 checkpoint's keys are
+//! written again that way as it is read, so that a restored series and its
+//! new samples are one series; an older wagg refuses a version 3 file rather
+//! than read references as characters of tag values.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,13 +35,19 @@ use crate::shard::StateRow;
 use crate::sink::{Point, TOUCH_RUN, touch_key};
 
 /// Format version; a checkpoint of another version is refused, not guessed.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
+
+/// The binary version before keys had back-references: read, not written.
+const KEYS_IN_FULL_VERSION: u32 = 2;
 
 /// The JSON checkpoint of older wagg versions, read but not written.
 const JSON_VERSION: u32 = 1;
 
 /// The first bytes of a binary checkpoint: "WAGGCKP" and the version.
-const MAGIC: [u8; 8] = *b"WAGGCKP\x02";
+const MAGIC: [u8; 8] = *b"WAGGCKP\x03";
+
+/// [`MAGIC`] of [`KEYS_IN_FULL_VERSION`].
+const MAGIC_KEYS_IN_FULL: [u8; 8] = *b"WAGGCKP\x02";
 
 /// A checkpoint as written to disk.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -237,7 +249,7 @@ impl CheckpointStore {
                 ),
             ));
         }
-        cp.version = VERSION;
+        cp.reencode_keys();
         Ok(Some(cp))
     }
 
@@ -293,17 +305,46 @@ fn read(path: &Path) -> Result<Option<Vec<u8>>, CheckpointError> {
 }
 
 fn decode_binary(bytes: &[u8]) -> Result<Checkpoint, String> {
-    let body = bytes
-        .strip_prefix(&MAGIC)
-        .ok_or("not a wagg checkpoint of version 2 (wrong magic number)")?;
-    let cp: Checkpoint = postcard::from_bytes(body).map_err(|e| e.to_string())?;
-    if cp.version != VERSION {
+    let (body, version) = match bytes.strip_prefix(&MAGIC) {
+        Some(body) => (body, VERSION),
+        None => bytes
+            .strip_prefix(&MAGIC_KEYS_IN_FULL)
+            .map(|body| (body, KEYS_IN_FULL_VERSION))
+            .ok_or(format!(
+                "not a wagg checkpoint of version {KEYS_IN_FULL_VERSION} or {VERSION} (wrong magic number)"
+            ))?,
+    };
+    let mut cp: Checkpoint = postcard::from_bytes(body).map_err(|e| e.to_string())?;
+    if cp.version != version {
         return Err(format!(
-            "version {} (this wagg reads {VERSION})",
+            "version {} under the magic number of version {version}",
             cp.version
         ));
     }
+    if version == KEYS_IN_FULL_VERSION {
+        cp.reencode_keys();
+    }
     Ok(cp)
+}
+
+impl Checkpoint {
+    /// Makes a checkpoint of an older version one of [`VERSION`]: its keys,
+    /// written in full, written as this version writes them. A key that is
+    /// not a series key is left as it is, for the restore to name.
+    fn reencode_keys(&mut self) {
+        let rows = std::mem::take(&mut self.rows).into_vec();
+        self.rows = rows
+            .into_iter()
+            .map(|mut row| {
+                if let Some(key) = crate::router::reencode_key(&row.key) {
+                    row.key = key.into();
+                }
+                row
+            })
+            .collect::<Vec<_>>()
+            .into();
+        self.version = VERSION;
+    }
 }
 
 #[cfg(test)]
@@ -336,8 +377,10 @@ mod tests {
         };
         store.save(&cp).unwrap();
         assert_eq!(store.load().unwrap(), Some(cp));
-        std::fs::write(store.path(), b"WAGGCKP\x02garbage").unwrap();
-        assert!(matches!(store.load(), Err(CheckpointError::Corrupt { .. })));
+        for garbage in [&b"WAGGCKP\x03garbage"[..], b"WAGGCKP\x02garbage"] {
+            std::fs::write(store.path(), garbage).unwrap();
+            assert!(matches!(store.load(), Err(CheckpointError::Corrupt { .. })));
+        }
         std::fs::write(store.path(), b"{not binary").unwrap();
         assert!(matches!(store.load(), Err(CheckpointError::Corrupt { .. })));
     }
@@ -367,6 +410,43 @@ mod tests {
         store.save(&cp).unwrap();
         assert!(!dir.path().join("checkpoint.json").exists());
         assert_eq!(store.load().unwrap(), Some(cp));
+    }
+
+    #[test]
+    fn a_version_2_checkpoints_keys_are_written_as_new_keys_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::new(dir.path());
+        let row = |key: &[u8]| StateRow {
+            key: key.into(),
+            bucket: 60,
+            count: 2,
+            sum: 3.0,
+            min: 1.0,
+            max: 2.0,
+        };
+        let in_full = b"\x01c1\0ex.com\0www.ex.com\0";
+        let not_a_key = b"\x01no terminator";
+        let mut old = Checkpoint {
+            version: KEYS_IN_FULL_VERSION,
+            rows: vec![row(in_full), row(not_a_key)].into(),
+            ..Checkpoint::default()
+        };
+        let mut bytes = MAGIC_KEYS_IN_FULL.to_vec();
+        bytes.extend(postcard::to_allocvec(&old).unwrap());
+        std::fs::write(store.path(), &bytes).unwrap();
+        let cp = store.load().unwrap().unwrap();
+        assert_eq!(cp.version, VERSION);
+        assert_eq!(
+            cp.rows,
+            vec![row(b"\x01c1\0ex.com\0www\x02\0"), row(not_a_key)].into()
+        );
+        // A version 2 file with the version 3 number is refused, not read
+        // as either.
+        old.version = VERSION;
+        let mut bytes = MAGIC_KEYS_IN_FULL.to_vec();
+        bytes.extend(postcard::to_allocvec(&old).unwrap());
+        std::fs::write(store.path(), &bytes).unwrap();
+        assert!(matches!(store.load(), Err(CheckpointError::Corrupt { .. })));
     }
 
     #[test]
@@ -407,7 +487,7 @@ mod tests {
         store.save(&cp).unwrap();
         let back = store.load().unwrap().unwrap().pending.into_vec();
         assert_eq!(back, vec![keyed]);
-        assert_eq!(back[0].tags.get("pop"), Some("lga"));
+        assert_eq!(back[0].tags.get("pop").as_deref(), Some("lga"));
         assert_eq!(back[0].tags.len(), 3);
     }
 

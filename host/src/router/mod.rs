@@ -14,7 +14,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use keys::{KeyBatch, KeyedSample, SeriesKey, hash_bytes, hash_sanitized, hash_u64};
+pub use keys::{
+    KeyBatch, KeyValues, KeyedSample, MAX_KEY_VALUES, SeriesKey, encode_key, hash_bytes,
+    hash_sanitized, hash_u64, reencode_key,
+};
 
 use crate::source::json::{Message, Metric};
 

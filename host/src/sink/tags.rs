@@ -8,15 +8,13 @@
 //! its values: no allocation per point, and the names and values are laid
 //! out only when the sink encodes the point.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-/// Most values a [`KeyLayout`] reads from a key. The router has six tags;
-/// a fixed bound lets a point's tags be read in one pass over its key,
-/// without allocating.
-pub const MAX_KEY_VALUES: usize = 8;
+use crate::router::{KeyValues, MAX_KEY_VALUES};
 
 /// A point's tags (OpenTSDB's name for labels), sorted by name, each name
 /// once.
@@ -38,7 +36,8 @@ enum Repr {
 /// How a series key's values become tags.
 ///
 /// The key is one prefix byte (the router's rollup index, which the layout
-/// does not read), then each value followed by a NUL byte. The layout names
+/// does not read), then each value followed by a NUL byte, some written as a
+/// reference to an earlier one ([`KeyValues`]). The layout names
 /// the values in key order and adds constant tags (the router's
 /// `rollup=<name>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,13 +116,10 @@ impl KeyLayout {
     }
 
     /// The tags of the series `key`, sharing it; `None` if the key does not
-    /// hold exactly this layout's values, NUL-terminated and UTF-8.
+    /// hold exactly this layout's values ([`KeyValues::parse`]).
     pub fn tags(self: &Arc<Self>, key: &Arc<[u8]>) -> Option<Tags> {
-        let (_, rest) = key.split_first()?;
-        let rest = rest.strip_suffix(&[0])?;
-        std::str::from_utf8(rest).ok()?;
-        // `split` yields one more value than there are separators.
-        if rest.iter().filter(|&&b| b == 0).count() + 1 != self.values {
+        let (_, values) = KeyValues::parse(key)?;
+        if values.len() != self.values {
             return None;
         }
         Some(Tags(Repr::Key {
@@ -152,7 +148,7 @@ impl Tags {
         match &self.0 {
             Repr::Owned(pairs) => Iter(IterRepr::Owned(pairs.iter())),
             Repr::Key { key, layout } => Iter(IterRepr::Key {
-                values: key_values(key),
+                values: KeyValues::split_unchecked(key),
                 sorted: layout.sorted.iter(),
             }),
         }
@@ -165,7 +161,7 @@ impl Tags {
     pub(super) fn write_json(&self, out: &mut Vec<u8>) {
         if let Repr::Key { key, layout } = &self.0 {
             let start = out.len();
-            let values = key_values(key);
+            let values = KeyValues::split_unchecked(key);
             let mut plain = true;
             out.push(b'{');
             for (i, ((_, source), json)) in layout.sorted.iter().zip(&layout.json).enumerate() {
@@ -174,10 +170,11 @@ impl Tags {
                 }
                 out.extend_from_slice(json);
                 if let Source::Value(v) = source {
-                    let value = values[*v];
-                    plain &= super::json_plain(value);
                     out.push(b'"');
-                    out.extend_from_slice(value);
+                    for piece in values.pieces(*v) {
+                        plain &= super::json_plain(piece);
+                        out.extend_from_slice(piece);
+                    }
                     out.push(b'"');
                 }
             }
@@ -194,13 +191,13 @@ impl Tags {
             }
             super::push_json_str(name, out);
             out.push(b':');
-            super::push_json_str(value, out);
+            super::push_json_str(&value, out);
         }
         out.push(b'}');
     }
 
     /// The value of tag `name`.
-    pub fn get(&self, name: &str) -> Option<&str> {
+    pub fn get(&self, name: &str) -> Option<Cow<'_, str>> {
         self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
 
@@ -220,7 +217,7 @@ impl Tags {
     /// The tags as an owned map.
     pub fn to_map(&self) -> BTreeMap<String, String> {
         self.iter()
-            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .map(|(n, v)| (n.to_owned(), v.into_owned()))
             .collect()
     }
 }
@@ -244,20 +241,6 @@ pub(crate) fn touch_key(key: &[u8]) {
     std::hint::black_box((key.first().copied(), key.last().copied()));
 }
 
-/// The values of a key that [`KeyLayout::tags`] accepted, in key order, as
-/// bytes: the encoder copies them without a UTF-8 check (as `str`s, split
-/// after one, the encode bench took a third longer).
-fn key_values(key: &[u8]) -> [&[u8]; MAX_KEY_VALUES] {
-    // Checked when the tags were made: a prefix byte, then NUL-terminated
-    // UTF-8 values, as many as the layout has.
-    let body = key.get(1..key.len().saturating_sub(1)).unwrap_or_default();
-    let mut values: [&[u8]; MAX_KEY_VALUES] = [&[]; MAX_KEY_VALUES];
-    for (slot, value) in values.iter_mut().zip(body.split(|&b| b == 0)) {
-        *slot = value;
-    }
-    values
-}
-
 impl Default for Tags {
     fn default() -> Self {
         Tags::new()
@@ -272,23 +255,25 @@ pub struct Iter<'a>(IterRepr<'a>);
 enum IterRepr<'a> {
     Owned(std::slice::Iter<'a, (String, String)>),
     Key {
-        /// The key's values, in key order.
-        values: [&'a [u8]; MAX_KEY_VALUES],
+        /// The key's values, in key order; checked when the tags were made.
+        values: KeyValues<'a>,
         sorted: std::slice::Iter<'a, (String, Source)>,
     },
 }
 
 impl<'a> Iterator for Iter<'a> {
-    type Item = (&'a str, &'a str);
+    /// A value is copied only where its key holds it as a reference.
+    type Item = (&'a str, Cow<'a, str>);
 
     fn next(&mut self) -> Option<Self::Item> {
         match &mut self.0 {
-            IterRepr::Owned(pairs) => pairs.next().map(|(n, v)| (n.as_str(), v.as_str())),
+            IterRepr::Owned(pairs) => pairs
+                .next()
+                .map(|(n, v)| (n.as_str(), Cow::Borrowed(v.as_str()))),
             IterRepr::Key { values, sorted } => sorted.next().map(|(name, source)| {
                 let value = match source {
-                    // UTF-8, checked when the tags were made.
-                    Source::Value(i) => std::str::from_utf8(values[*i]).unwrap_or_default(),
-                    Source::Fixed(v) => v.as_str(),
+                    Source::Value(i) => values.get(*i),
+                    Source::Fixed(v) => Cow::Borrowed(v.as_str()),
                 };
                 (name.as_str(), value)
             }),
@@ -304,7 +289,7 @@ impl<'a> Iterator for Iter<'a> {
 }
 
 impl<'a> IntoIterator for &'a Tags {
-    type Item = (&'a str, &'a str);
+    type Item = (&'a str, Cow<'a, str>);
     type IntoIter = Iter<'a>;
 
     fn into_iter(self) -> Iter<'a> {
@@ -376,6 +361,7 @@ mod tests {
             .tags(&key(b"\x01example.com\x001042\0A\0"))
             .unwrap();
         let pairs: Vec<_> = tags.iter().collect();
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(n, v)| (*n, v.as_ref())).collect();
         assert_eq!(
             pairs,
             [
@@ -386,7 +372,7 @@ mod tests {
             ]
         );
         assert_eq!(tags.len(), 4);
-        assert_eq!(tags.get("type"), Some("A"));
+        assert_eq!(tags.get("type").as_deref(), Some("A"));
         assert_eq!(tags.get("host"), None);
         // The same tags held as a map are equal, and encode the same.
         let owned = Tags::from(tags.to_map());
@@ -412,7 +398,7 @@ mod tests {
             &b"\x01example.com\x001042\0"[..],
             b"\x01\0\0",
             b"\x01quo\"te\0tab\there\0",
-            b"\x01back\\slash\0\x01\0",
+            b"\x01back\\slash\0\x1f\0",
             "\x01ü€\0/\u{7f}\0".as_bytes(),
         ] {
             let tags = layout.tags(&key(k)).unwrap();
@@ -433,10 +419,39 @@ mod tests {
     }
 
     #[test]
+    fn values_written_as_references_read_in_full() {
+        let layout = Arc::new(KeyLayout::new(["zone", "record", "apex", "pop"], []).unwrap());
+        let key: Arc<[u8]> =
+            crate::router::encode_key(1, ["ex.com", "www.ex.com", "ex.com", "lga"]).into();
+        assert_eq!(
+            &key[..],
+            b"\x01ex.com\0www\x01\0\x01\0lga\0",
+            "written shorter"
+        );
+        let tags = layout.tags(&key).unwrap();
+        let expect = [
+            ("apex", "ex.com"),
+            ("pop", "lga"),
+            ("record", "www.ex.com"),
+            ("zone", "ex.com"),
+        ];
+        let pairs: Vec<_> = tags.iter().collect();
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(n, v)| (*n, v.as_ref())).collect();
+        assert_eq!(pairs, expect);
+        let mut ours = Vec::new();
+        tags.write_json(&mut ours);
+        assert_eq!(
+            String::from_utf8(ours).unwrap(),
+            r#"{"apex":"ex.com","pop":"lga","record":"www.ex.com","zone":"ex.com"}"#
+        );
+        assert_eq!(tags, Tags::from(tags.to_map()));
+    }
+
+    #[test]
     fn empty_values_are_values() {
         let tags = layout().tags(&key(b"\x01\0\0\0")).unwrap();
-        assert_eq!(tags.get("zone"), Some(""));
-        assert_eq!(tags.get("type"), Some(""));
+        assert_eq!(tags.get("zone").as_deref(), Some(""));
+        assert_eq!(tags.get("type").as_deref(), Some(""));
     }
 
     #[test]
@@ -449,6 +464,10 @@ mod tests {
             b"\x01a\0b\0c\0d\0",     // four
             b"\x01a\0b\0c",          // no terminating NUL
             b"\x01a\0\xff\xfe\0c\0", // not UTF-8
+            b"\x01a\0b\0\x04\0",     // a reference to a later value
+            b"\x01a\0b\x01c\0d\0",   // a reference byte inside a value
+            b"\x01\0b\x01\0c\0",     // a reference to an empty value
+            b"\x01a\0b\x01\0\x02\0", // a reference to a reference
         ] {
             assert!(layout.tags(&key(bad)).is_none(), "{bad:?}");
         }
@@ -484,6 +503,7 @@ mod tests {
             .into_iter()
             .map(|(n, v)| (n.to_string(), v.to_string()))
             .collect();
-        assert_eq!(tags.iter().collect::<Vec<_>>(), [("a", "2"), ("b", "3")]);
+        let pairs: Vec<_> = tags.iter().collect();
+        assert_eq!(pairs, [("a", "2".into()), ("b", "3".into())]);
     }
 }
