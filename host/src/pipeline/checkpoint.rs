@@ -472,7 +472,7 @@ mod tests {
             crate::sink::KeyLayout::new(["customer", "pop"], [("rollup".into(), "c".into())])
                 .unwrap(),
         );
-        let key: Arc<[u8]> = b"\x00c1\0lga\0".as_slice().into();
+        let key: crate::router::SharedKey = b"\x00c1\0lga\0".as_slice().into();
         let keyed = Point {
             tags: layout.tags(&key).unwrap(),
             ..point(7)

@@ -15,9 +15,8 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
 
-use crate::router::{KeyBatch, KeyedSample, hash_bytes};
+use crate::router::{KeyBatch, KeyedSample, SharedKey, hash_bytes};
 use crate::sink::{TOUCH_RUN, touch_key};
 
 /// Hasher for keys that are already hashes.
@@ -45,7 +44,7 @@ type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 struct Entry {
     /// Shared with the shard's snapshot rows and the checkpoint being
     /// written, which would otherwise each hold a copy of every live key.
-    key: Arc<[u8]>,
+    key: SharedKey,
     last_bucket: u64,
 }
 
@@ -147,7 +146,7 @@ impl Dictionary {
     }
 
     /// The key of `id`, if it is live.
-    pub fn key(&self, id: u64) -> Option<&Arc<[u8]>> {
+    pub fn key(&self, id: u64) -> Option<&SharedKey> {
         self.by_id.get(&id).map(|e| &e.key)
     }
 
@@ -168,10 +167,10 @@ impl Dictionary {
 
     /// Approximate bytes held: keys plus table overhead.
     pub fn bytes(&self) -> usize {
-        // Per entry: the map slot (id + key pointer + last bucket, ~40 B
-        // with control bytes) and the key's allocation (its two reference
-        // counts and the bytes).
-        self.key_bytes + self.by_id.len() * 16 + self.by_id.capacity() * 41
+        // Per entry: the map slot (id + key pointer + last bucket, 24 B and
+        // a control byte, in a table at most 7/8 full) and the key's
+        // allocation (its reference count and length, and the bytes).
+        self.key_bytes + self.by_id.len() * 16 + self.by_id.capacity() * 29
     }
 
     /// Forgets every series whose last sample was in a bucket starting

@@ -36,7 +36,7 @@ pub use shadow::{Difference, ShadowReport};
 
 use shadow::Shadow;
 
-use crate::router::{KeyBatch, RouterConfig, SeriesKey};
+use crate::router::{KeyBatch, RouterConfig, SeriesKey, SharedKey};
 use crate::runtime::{
     Aggregates, Batch, Export, Instance, InstanceError, LoadedModule, ModuleStats, Runtime,
 };
@@ -53,7 +53,7 @@ pub struct StateRow {
     /// Series key: raw bytes in the binary checkpoint, hex in JSON. Shared
     /// with the shard's dictionary while the series is live.
     #[serde(with = "key_bytes")]
-    pub key: Arc<[u8]>,
+    pub key: SharedKey,
     /// Bucket start, seconds.
     pub bucket: u64,
     /// Samples aggregated.
@@ -82,10 +82,10 @@ mod key_bytes {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
-    ) -> Result<std::sync::Arc<[u8]>, D::Error> {
+    ) -> Result<crate::router::SharedKey, D::Error> {
         struct Key;
         impl Visitor<'_> for Key {
-            type Value = std::sync::Arc<[u8]>;
+            type Value = crate::router::SharedKey;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a series key (bytes, or hex)")
             }
@@ -1315,7 +1315,7 @@ fn retire(old: Option<Instance>) {
 /// row order, so `keys[i]` is row `i`'s key: one dictionary lookup per row
 /// (a cache miss each, at hundreds of thousands of live series) instead of
 /// one to check and one to use.
-fn known_key<'d>(dict: &'d Dictionary, id: u64, keys: &RefCell<Vec<&'d Arc<[u8]>>>) -> bool {
+fn known_key<'d>(dict: &'d Dictionary, id: u64, keys: &RefCell<Vec<&'d SharedKey>>) -> bool {
     match dict.key(id) {
         Some(key) => {
             keys.borrow_mut().push(key);
@@ -1328,16 +1328,16 @@ fn known_key<'d>(dict: &'d Dictionary, id: u64, keys: &RefCell<Vec<&'d Arc<[u8]>
 /// Brings `keys` into cache together, before a caller shares each of them
 /// (an atomic increment that would wait on each key's miss in turn): see
 /// [`touch_key`].
-fn touch(keys: &[&Arc<[u8]>]) {
+fn touch(keys: &[&SharedKey]) {
     keys.iter().for_each(|key| touch_key(key));
 }
 
 /// The keys [`known_key`] collected, one per row of `aggs`.
 fn row_keys<'d>(
-    keys: RefCell<Vec<&'d Arc<[u8]>>>,
+    keys: RefCell<Vec<&'d SharedKey>>,
     aggs: &Aggregates,
     call: &'static str,
-) -> Result<Vec<&'d Arc<[u8]>>, InstanceError> {
+) -> Result<Vec<&'d SharedKey>, InstanceError> {
     let keys = keys.into_inner();
     if keys.len() != aggs.len() {
         // The check calls `known` once per row; anything else is a host bug.
@@ -1382,7 +1382,7 @@ impl PointShape {
 
     /// The points of flushed rows, `keys[i]` being row `i`'s key: each
     /// shares its key and the metric name, nothing is copied.
-    fn points(&self, keys: &[&Arc<[u8]>], aggs: &Aggregates) -> Result<Vec<Point>, InstanceError> {
+    fn points(&self, keys: &[&SharedKey], aggs: &Aggregates) -> Result<Vec<Point>, InstanceError> {
         let mut points = Vec::with_capacity(aggs.len());
         for (r, run) in keys.chunks(TOUCH_RUN).enumerate() {
             touch(run);

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::router::{KeyValues, MAX_KEY_VALUES};
+use crate::router::{KeyValues, MAX_KEY_VALUES, SharedKey};
 
 /// A point's tags (OpenTSDB's name for labels), sorted by name, each name
 /// once.
@@ -28,7 +28,7 @@ enum Repr {
     /// The values of a series key, named by a layout; checked by
     /// [`KeyLayout::tags`] when the point was made.
     Key {
-        key: Arc<[u8]>,
+        key: SharedKey,
         layout: Arc<KeyLayout>,
     },
 }
@@ -117,7 +117,7 @@ impl KeyLayout {
 
     /// The tags of the series `key`, sharing it; `None` if the key does not
     /// hold exactly this layout's values ([`KeyValues::parse`]).
-    pub fn tags(self: &Arc<Self>, key: &Arc<[u8]>) -> Option<Tags> {
+    pub fn tags(self: &Arc<Self>, key: &SharedKey) -> Option<Tags> {
         let (_, values) = KeyValues::parse(key)?;
         if values.len() != self.values {
             return None;
@@ -351,7 +351,7 @@ mod tests {
         )
     }
 
-    fn key(bytes: &[u8]) -> Arc<[u8]> {
+    fn key(bytes: &[u8]) -> SharedKey {
         bytes.into()
     }
 
@@ -421,7 +421,7 @@ mod tests {
     #[test]
     fn values_written_as_references_read_in_full() {
         let layout = Arc::new(KeyLayout::new(["zone", "record", "apex", "pop"], []).unwrap());
-        let key: Arc<[u8]> =
+        let key: SharedKey =
             crate::router::encode_key(1, ["ex.com", "www.ex.com", "ex.com", "lga"]).into();
         assert_eq!(
             &key[..],
