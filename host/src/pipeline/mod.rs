@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::router::{KeyBatch, Router, RouterConfig, SeriesKey};
+use crate::router::{KeyBatch, Router, RouterConfig};
 use crate::runtime::{InstanceError, Runtime};
 use crate::shard::{
     Assignment, Command, Outbox, SavedState, ShadowReport, ShardEvent, ShardHandle, ShardSpec,
@@ -551,8 +551,8 @@ fn start_shards(
 
 /// The shard a checkpoint's row belongs to.
 fn shard_of_row(router: &Router, row: &StateRow) -> Result<u32, String> {
-    SeriesKey::parse(&row.key)
-        .and_then(|k| router.shard_of_key(&k))
+    router
+        .shard_of_key(&row.key)
         .ok_or_else(|| {
             "the checkpoint holds a series key that does not fit the [router] rollups; restore the configuration it was written with"
                 .into()

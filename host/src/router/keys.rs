@@ -78,17 +78,22 @@ fn ref_index(b: u8) -> Option<usize> {
 struct KeyWriter {
     /// Where each value written so far starts in the arena.
     starts: [usize; MAX_KEY_VALUES],
-    /// Bit `j`: value `j` was written in full, so a later one may refer to it.
-    full: u8,
+    /// Per value written in full (which a later one may refer to), its last
+    /// byte; `0` for an empty value or one written as a reference. Most
+    /// earlier values end with another byte than the value being written:
+    /// comparing one byte first keeps the router's cost per key close to
+    /// what it was without references (BENCHMARKS.md, session 12).
+    lasts: [u8; MAX_KEY_VALUES],
     values: usize,
 }
 
 impl KeyWriter {
+    #[inline]
     fn begin(arena: &mut Vec<u8>, rollup: u8) -> Self {
         arena.push(rollup);
         KeyWriter {
             starts: [arena.len(); MAX_KEY_VALUES],
-            full: 0,
+            lasts: [0; MAX_KEY_VALUES],
             values: 0,
         }
     }
@@ -97,7 +102,9 @@ impl KeyWriter {
     /// writes it as a reference if an earlier value lets it, then its `0`.
     /// Past [`MAX_KEY_VALUES`] values (a bug in the caller) every value is
     /// written in full, which still reads back as what it is.
-    #[inline]
+    // Inlined into the router's loop over a rollup's tags: as a call it
+    // was a tenth of routing (`perf`, the `router/` bench).
+    #[inline(always)]
     fn end_value(&mut self, arena: &mut Vec<u8>) {
         let i = self.values;
         if i >= MAX_KEY_VALUES {
@@ -110,7 +117,7 @@ impl KeyWriter {
                 arena.truncate(cut);
                 arena.push(ref_byte(j));
             }
-            None => self.full |= 1 << i,
+            None => self.lasts[i] = arena[start..].last().copied().unwrap_or(0),
         }
         arena.push(0);
         self.values += 1;
@@ -124,15 +131,13 @@ impl KeyWriter {
     #[inline]
     fn reference(&self, arena: &[u8], start: usize) -> Option<(usize, usize)> {
         let value = &arena[start..];
+        let &last = value.last()?;
         (0..self.values)
-            .filter(|&j| self.full & (1 << j) != 0)
+            .filter(|&j| self.lasts[j] == last)
             .find_map(|j| {
                 // Without its `0`.
-                let end = self.starts.get(j + 1).copied().unwrap_or(start) - 1;
-                let earlier = &arena[self.starts[j]..end];
-                if earlier.is_empty() {
-                    None
-                } else if value == earlier {
+                let earlier = &arena[self.starts[j]..self.starts[j + 1] - 1];
+                if value == earlier {
                     Some((start, j))
                 } else {
                     // At least one byte before the `.`: an empty head would

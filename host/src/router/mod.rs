@@ -215,16 +215,22 @@ impl Router {
     /// The shard of a series key read back (from a checkpoint): the same
     /// shard [`shard_of`](Self::shard_of) picked for its samples. `None` if
     /// the key does not fit this configuration.
-    pub fn shard_of_key(&self, key: &SeriesKey<'_>) -> Option<u32> {
-        let rollup = self.config.rollups.get(key.rollup as usize)?;
+    pub fn shard_of_key(&self, key: &[u8]) -> Option<u32> {
+        let (rollup, values) = KeyValues::parse(key)?;
+        let rollup = self.config.rollups.get(rollup as usize)?;
         let pos = rollup
             .tags
             .iter()
             .position(|t| *t == self.config.shard_key)?;
-        let value = key.values.get(pos)?;
+        if pos >= values.len() {
+            return None;
+        }
+        // Copied only if written as a reference: every row of a restore or
+        // a read-back is routed, and the shard key is usually the first.
+        let value = values.get(pos);
         let h = match self.config.shard_key {
             Tag::Customer => keys::hash_u64(value.parse().ok()?),
-            _ => keys::hash_sanitized(value),
+            _ => keys::hash_sanitized(&value),
         };
         Some(jump_hash(h, self.config.shards))
     }
