@@ -332,17 +332,13 @@ impl Checkpoint {
     /// written in full, written as this version writes them. A key that is
     /// not a series key is left as it is, for the restore to name.
     fn reencode_keys(&mut self) {
-        let rows = std::mem::take(&mut self.rows).into_vec();
-        self.rows = rows
-            .into_iter()
-            .map(|mut row| {
-                if let Some(key) = crate::router::reencode_key(&row.key) {
-                    row.key = key.into();
-                }
-                row
-            })
-            .collect::<Vec<_>>()
-            .into();
+        let mut rows = std::mem::take(&mut self.rows).into_vec();
+        for row in &mut rows {
+            if let Some(key) = crate::router::reencode_key(&row.key) {
+                row.key = key.into();
+            }
+        }
+        self.rows = rows.into();
         self.version = VERSION;
     }
 }

@@ -190,17 +190,13 @@ impl<'a> KeyValues<'a> {
         let (&rollup, rest) = key.split_first()?;
         let body = rest.strip_suffix(&[0])?;
         std::str::from_utf8(body).ok()?;
-        let mut values = KeyValues {
-            raw: [&[]; MAX_KEY_VALUES],
-            len: 0,
-        };
-        for (i, value) in body.split(|&b| b == 0).enumerate() {
-            let slot = values.raw.get_mut(i)?;
-            *slot = value;
-            values.len = i + 1;
-            let (head, last) = match value.split_last() {
-                Some((&last, head)) => (head, last),
-                None => continue,
+        if body.iter().filter(|&&b| b == 0).count() >= MAX_KEY_VALUES {
+            return None;
+        }
+        let values = Self::split_unchecked(key);
+        for (i, value) in values.raw[..values.len].iter().enumerate() {
+            let Some((&last, head)) = value.split_last() else {
+                continue;
             };
             if head.iter().any(|&b| ref_index(b).is_some()) {
                 return None;
