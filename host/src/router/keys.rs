@@ -264,57 +264,6 @@ impl<'a> KeyValues<'a> {
     }
 }
 
-/// A series key's bytes, shared: a shard's dictionary, its snapshot rows,
-/// the checkpoint being written and the points waiting for the sink hold
-/// one allocation per live series. One pointer wide (the length lives in
-/// the allocation, as in [`triomphe::ThinArc`]): the dictionary keeps one
-/// per live series in a hash table slot, where `Arc<[u8]>`'s second word
-/// cost 8 bytes a slot (BENCHMARKS.md, session 12).
-#[derive(Clone)]
-pub struct SharedKey(triomphe::ThinArc<(), u8>);
-
-impl std::ops::Deref for SharedKey {
-    type Target = [u8];
-
-    #[inline]
-    fn deref(&self) -> &[u8] {
-        &self.0.slice
-    }
-}
-
-impl From<&[u8]> for SharedKey {
-    fn from(bytes: &[u8]) -> Self {
-        SharedKey(triomphe::ThinArc::from_header_and_slice((), bytes))
-    }
-}
-
-impl From<Vec<u8>> for SharedKey {
-    fn from(bytes: Vec<u8>) -> Self {
-        bytes.as_slice().into()
-    }
-}
-
-impl<const N: usize> From<&[u8; N]> for SharedKey {
-    fn from(bytes: &[u8; N]) -> Self {
-        bytes.as_slice().into()
-    }
-}
-
-/// Equal when the bytes are.
-impl PartialEq for SharedKey {
-    fn eq(&self, other: &Self) -> bool {
-        **self == **other
-    }
-}
-
-impl Eq for SharedKey {}
-
-impl std::fmt::Debug for SharedKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        (**self).fmt(f)
-    }
-}
-
 /// One sample whose series key lives in its batch's key arena.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KeyedSample {

@@ -9,15 +9,17 @@
 //! 1/N of the customers.
 
 mod keys;
+mod shared_key;
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 pub use keys::{
-    KeyBatch, KeyValues, KeyedSample, MAX_KEY_VALUES, SeriesKey, SharedKey, encode_key, hash_bytes,
+    KeyBatch, KeyValues, KeyedSample, MAX_KEY_VALUES, SeriesKey, encode_key, hash_bytes,
     hash_sanitized, hash_u64, reencode_key,
 };
+pub use shared_key::SharedKey;
 
 use crate::source::json::{Message, Metric};
 

@@ -40,18 +40,36 @@ impl Hasher for IdHasher {
 
 type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
 
-#[derive(Debug)]
-struct Entry {
-    /// Shared with the shard's snapshot rows and the checkpoint being
-    /// written, which would otherwise each hold a copy of every live key.
-    key: SharedKey,
-    last_bucket: u64,
+/// The start of the bucket `bucket` as a key's note: seconds fit in 32
+/// bits until 2106; a later bucket is noted as the last one that fits, so
+/// its series is forgotten only once `forget_before` passes that.
+#[inline]
+fn note_of(bucket: u64) -> u32 {
+    u32::try_from(bucket).unwrap_or(u32::MAX)
+}
+
+/// Notes that `key`'s series had a sample in `bucket`.
+#[inline]
+fn note_bucket(key: &SharedKey, bucket: u64) {
+    let note = note_of(bucket);
+    // A load and a store, not `fetch_max`: only this dictionary writes its
+    // keys' notes, and a locked instruction per sample would cost more.
+    if note > key.note() {
+        key.set_note(note);
+    }
 }
 
 /// Series key ⇄ id, with forgetting.
 #[derive(Debug, Default)]
 pub struct Dictionary {
-    by_id: IdMap<Entry>,
+    /// Each key's note is the start of the last bucket its series had a
+    /// sample in (see [`note_bucket`]): a 16-byte slot, where the bucket
+    /// beside the key made it 24 (BENCHMARKS.md, session 13). The keys are
+    /// shared with the shard's snapshot rows and the checkpoint being
+    /// written, which would otherwise each hold a copy of every live key,
+    /// and with points waiting for the sink. Each is allocated here, so no
+    /// other dictionary writes its note.
+    by_id: IdMap<SharedKey>,
     overflow: HashMap<Box<[u8]>, u64>,
     key_bytes: usize,
 }
@@ -89,8 +107,8 @@ impl Dictionary {
         for run in samples.chunks(TOUCH_RUN) {
             for (id, s) in ids.iter_mut().zip(run) {
                 *id = hash_bytes(keys.key(s));
-                if let Some(e) = self.by_id.get(id) {
-                    touch_key(&e.key);
+                if let Some(key) = self.by_id.get(id) {
+                    touch_key(key);
                 }
             }
             for (&hash, s) in ids.iter().zip(run) {
@@ -106,14 +124,14 @@ impl Dictionary {
         if !self.overflow.is_empty()
             && let Some(&id) = self.overflow.get(key)
         {
-            if let Some(e) = self.by_id.get_mut(&id) {
-                e.last_bucket = e.last_bucket.max(bucket);
+            if let Some(stored) = self.by_id.get(&id) {
+                note_bucket(stored, bucket);
             }
             return id;
         }
-        match self.by_id.get_mut(&id) {
-            Some(e) if *e.key == *key => {
-                e.last_bucket = e.last_bucket.max(bucket);
+        match self.by_id.get(&id) {
+            Some(stored) if **stored == *key => {
+                note_bucket(stored, bucket);
                 id
             }
             Some(_) => self.insert_collided(key, id, bucket),
@@ -136,18 +154,14 @@ impl Dictionary {
 
     fn insert(&mut self, id: u64, key: &[u8], bucket: u64) {
         self.key_bytes += key.len();
-        self.by_id.insert(
-            id,
-            Entry {
-                key: key.into(),
-                last_bucket: bucket,
-            },
-        );
+        let key = SharedKey::new(key);
+        key.set_note(note_of(bucket));
+        self.by_id.insert(id, key);
     }
 
     /// The key of `id`, if it is live.
     pub fn key(&self, id: u64) -> Option<&SharedKey> {
-        self.by_id.get(&id).map(|e| &e.key)
+        self.by_id.get(&id)
     }
 
     /// Whether `id` is a live series.
@@ -167,10 +181,10 @@ impl Dictionary {
 
     /// Approximate bytes held: keys plus table overhead.
     pub fn bytes(&self) -> usize {
-        // Per entry: the map slot (id + key pointer + last bucket, 24 B and
-        // a control byte, in a table at most 7/8 full) and the key's
-        // allocation (its reference count and length, and the bytes).
-        self.key_bytes + self.by_id.len() * 16 + self.by_id.capacity() * 29
+        // Per entry: the map slot (id and key pointer, 16 B, and a control
+        // byte, in a table at most 7/8 full) and the key's allocation (its
+        // 12-byte header and the bytes).
+        self.key_bytes + self.by_id.len() * 12 + self.by_id.capacity() * 20
     }
 
     /// Forgets every series whose last sample was in a bucket starting
@@ -178,10 +192,10 @@ impl Dictionary {
     pub fn forget_before(&mut self, before: u64) -> usize {
         let n = self.by_id.len();
         let mut freed = 0;
-        self.by_id.retain(|_, e| {
-            let keep = e.last_bucket >= before;
+        self.by_id.retain(|_, key| {
+            let keep = u64::from(key.note()) >= before;
             if !keep {
-                freed += e.key.len();
+                freed += key.len();
             }
             keep
         });
@@ -210,6 +224,29 @@ mod tests {
         assert!(!d.contains(b));
         assert!(d.contains(a));
         assert_eq!(d.len(), 1);
+    }
+
+    #[test]
+    fn a_bucket_past_2106_is_kept_until_forgetting_passes_the_last_note() {
+        let mut d = Dictionary::new();
+        let late = d.intern(b"\x00late\x00", u64::from(u32::MAX) + 60);
+        let now = d.intern(b"\x00now\x00", 1_800_000_000);
+        assert_eq!(d.forget_before(u64::from(u32::MAX)), 1);
+        assert!(d.contains(late) && !d.contains(now));
+        assert_eq!(d.forget_before(u64::from(u32::MAX) + 1), 1);
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn a_later_sample_moves_the_note_and_an_earlier_one_does_not() {
+        let mut d = Dictionary::new();
+        let id = d.intern(b"\x00a\x00", 600);
+        d.intern(b"\x00a\x00", 60);
+        assert_eq!(d.forget_before(600), 0, "600 is still the last bucket");
+        d.intern(b"\x00a\x00", 1_200);
+        assert_eq!(d.forget_before(1_200), 0);
+        assert_eq!(d.forget_before(1_201), 1);
+        assert!(!d.contains(id));
     }
 
     #[test]
