@@ -15,7 +15,7 @@ use wagg::router::{KeyBatch, Router, RouterConfig};
 use wagg::runtime::{InstanceError, LoadedModule, Runtime, RuntimeLimits};
 use wagg::shard::{
     Assignment, Command, Outbox, SavedState, ShardEvent, ShardHandle, ShardSpec, ShardStats,
-    StateRow,
+    StateRow, SwapReport,
 };
 use wagg::sink::Point;
 use wagg::telemetry::Metrics;
@@ -93,8 +93,12 @@ async fn assert_halted(shard: &ShardHandle, what: &str) {
     assert!(reply.is_err(), "{what}: the shard halted: {reply:?}");
 }
 
-/// Swaps to `hashmap` (falling back to it too), expecting the swap to fail.
-async fn failed_swap_to(shard: &ShardHandle, hashmap: &Arc<LoadedModule>) -> InstanceError {
+/// Asks for a swap to `hashmap` (falling back to it too); the reply comes
+/// on the receiver.
+async fn swap_to(
+    shard: &ShardHandle,
+    hashmap: &Arc<LoadedModule>,
+) -> oneshot::Receiver<Result<SwapReport, InstanceError>> {
     let (reply, swapped) = oneshot::channel();
     send(
         shard,
@@ -105,11 +109,24 @@ async fn failed_swap_to(shard: &ShardHandle, hashmap: &Arc<LoadedModule>) -> Ins
         },
     )
     .await;
+    swapped
+}
+
+/// The error a swap is answered with. A shard that drops the request
+/// instead fails here.
+async fn swap_error(
+    swapped: oneshot::Receiver<Result<SwapReport, InstanceError>>,
+) -> InstanceError {
     tokio::time::timeout(PATIENCE, swapped)
         .await
         .expect("the shard replies")
-        .expect("the shard replies")
+        .expect("the shard answers the swap rather than drop it")
         .expect_err("the swap fails")
+}
+
+/// Swaps to `hashmap` (falling back to it too), expecting the swap to fail.
+async fn failed_swap_to(shard: &ShardHandle, hashmap: &Arc<LoadedModule>) -> InstanceError {
+    swap_error(swap_to(shard, hashmap).await).await
 }
 
 /// Shard 0 of the default router running `assignment` (`fallback` takes
@@ -236,11 +253,13 @@ async fn a_rebuild_replays_puts_of_series_a_flush_made_idle() {
 /// Puts customers 1 and 2, takes a snapshot, writes a checkpoint file in
 /// `dir` holding `on_disk(snapshot's rows)`, and tells the shard that the
 /// checkpoint holding its snapshot is on disk: the shard reads it back with
-/// the pipeline's reader. Returns how many times the shard read.
+/// the pipeline's reader, after `before_read`. Returns how many times the
+/// shard read.
 async fn checkpoint_two_series(
     shard: &ShardHandle,
     dir: &Path,
     on_disk: impl FnOnce(Vec<StateRow>) -> Vec<StateRow>,
+    before_read: impl Fn() + Send + Sync + 'static,
 ) -> Arc<AtomicUsize> {
     put(shard, 1, T0 + 5).await;
     put(shard, 2, T0 + 6).await;
@@ -268,6 +287,7 @@ async fn checkpoint_two_series(
     let reads = Arc::new(AtomicUsize::new(0));
     let counted = reads.clone();
     let saved = SavedState::new(move |index| {
+        before_read();
         counted.fetch_add(1, Ordering::Relaxed);
         file.load(index)
     });
@@ -286,7 +306,7 @@ async fn a_rebuild_after_a_checkpoint_reads_the_snapshot_back() {
     let (shard, outbox, mut events_rx) = start_shard(runtime, module, fallback, 2);
 
     let dir = tempfile::tempdir().unwrap();
-    let reads = checkpoint_two_series(&shard, dir.path(), |rows| rows).await;
+    let reads = checkpoint_two_series(&shard, dir.path(), |rows| rows, || ()).await;
     assert_eq!(reads.load(Ordering::Relaxed), 0, "no rebuild yet");
     // The third put traps; the rebuilt instance counts its puts afresh.
     put(&shard, 3, T0 + 7).await;
@@ -335,10 +355,15 @@ async fn a_rebuild_refuses_rows_read_back_that_are_not_the_snapshot() {
         let (shard, outbox, _events) = start_shard(runtime, module, fallback, 2);
 
         let dir = tempfile::tempdir().unwrap();
-        let reads = checkpoint_two_series(&shard, dir.path(), |mut rows| {
-            alter(&mut rows);
-            rows
-        })
+        let reads = checkpoint_two_series(
+            &shard,
+            dir.path(),
+            |mut rows| {
+                alter(&mut rows);
+                rows
+            },
+            || (),
+        )
         .await;
         put(&shard, 3, T0 + 7).await;
         // The shard may stop before these are queued, or drop them with its
@@ -350,6 +375,52 @@ async fn a_rebuild_refuses_rows_read_back_that_are_not_the_snapshot() {
         assert!(points(&outbox).is_empty(), "{what}: nothing flushed");
         shard.stop();
     }
+}
+
+/// A shard that halts with a swap pending answers it, and the swap asked
+/// for behind it, with the error that halted it, rather than drop them: the
+/// admin API says why the swap failed.
+///
+/// The order is made certain, not timed: the shard waits inside a rebuild
+/// (its read of the snapshot, until the test opens the gate) while the
+/// swaps and the put that halts it are queued. They then run in that
+/// order, before the swap's builder can queue its wake-up.
+#[tokio::test]
+async fn a_shard_that_halts_answers_the_swaps_asked_for() {
+    let runtime = Runtime::new(RuntimeLimits::default(), None).unwrap();
+    let (trap, _) = trap_on_third_put(&runtime);
+    let hashmap = runtime.load(wagg_artifacts::HASHMAP.bytes).unwrap();
+    // Its own fallback: a put that traps after every rebuild halts the
+    // shard.
+    let (shard, _outbox, _events) = start_shard(runtime, trap.clone(), trap, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let (open, gate) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate);
+    checkpoint_two_series(
+        &shard,
+        dir.path(),
+        |rows| rows,
+        // Returns once `open` is dropped.
+        move || drop(gate.lock().map(|gate| gate.recv())),
+    )
+    .await;
+
+    // The module's third put traps, and its rebuild waits at the gate.
+    put(&shard, 3, T0 + 7).await;
+    let pending = swap_to(&shard, &hashmap).await;
+    let deferred = swap_to(&shard, &hashmap).await;
+    // The rebuilt module's second put since the snapshot, then its third,
+    // which traps again after every rebuild.
+    put(&shard, 4, T0 + 8).await;
+    put(&shard, 5, T0 + 9).await;
+    drop(open);
+
+    for (what, swapped) in [("pending", pending), ("deferred", deferred)] {
+        let err = swap_error(swapped).await;
+        assert_eq!(err.kind(), "trap", "{what}: {err}");
+    }
+    assert_halted(&shard, "after the put that traps").await;
+    shard.stop();
 }
 
 /// A hot swap whose old module exports bad rows rebuilds that module

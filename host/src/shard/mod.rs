@@ -607,14 +607,14 @@ impl Shard {
                     } else {
                         self.start_swap(request, false);
                     }
-                    if self.halt() {
+                    if self.halt(&mut rx) {
                         return;
                     }
                     continue;
                 }
                 Command::SwapBuilt(SwapBuilt(())) => {
                     self.finish_swap();
-                    if self.halt() {
+                    if self.halt(&mut rx) {
                         return;
                     }
                     continue;
@@ -643,7 +643,7 @@ impl Shard {
                         failures += 1;
                         if let Err(fatal) = self.recover(&err, failures) {
                             self.halted = Some(fatal);
-                            self.halt();
+                            self.halt(&mut rx);
                             return;
                         }
                     }
@@ -988,8 +988,11 @@ impl Shard {
     }
 
     /// Reports the halt if one is due (see [`Shard::halted`]); true if the
-    /// shard must stop taking commands.
-    fn halt(&mut self) -> bool {
+    /// shard must stop taking commands. The swaps asked for are answered
+    /// with the error that halted it, and the pending one's builder is
+    /// joined: no requester waits on a shard that no longer reads, and no
+    /// builder outlives its shard.
+    fn halt(&mut self, rx: &mut mpsc::Receiver<Command>) -> bool {
         let Some(fatal) = self.halted.take() else {
             return false;
         };
@@ -1001,6 +1004,19 @@ impl Shard {
             error: &fatal,
         }
         .emit(&self.spec.metrics);
+        // A builder waiting for room in the queue for its wake-up is
+        // refused at once, instead of waiting for a shard that no longer
+        // reads.
+        rx.close();
+        if let Some(swap) = self.pending_swap.take() {
+            if let Ok(Ok((built, _))) = swap.builder.join() {
+                retire(Some(built));
+            }
+            self.swap_failed(swap.request, fatal.clone());
+        }
+        for request in std::mem::take(&mut self.deferred_swaps) {
+            self.swap_failed(request, fatal.clone());
+        }
         true
     }
 
