@@ -171,9 +171,14 @@ impl Tags {
                 out.extend_from_slice(json);
                 if let Source::Value(v) = source {
                     out.push(b'"');
-                    for piece in values.pieces(*v) {
-                        plain &= super::json_plain(piece);
-                        out.extend_from_slice(piece);
+                    // Most values are written in full: one piece to copy.
+                    let [head, dot, to] = values.pieces(*v);
+                    plain &= super::json_plain(head);
+                    out.extend_from_slice(head);
+                    if !to.is_empty() {
+                        plain &= super::json_plain(to);
+                        out.extend_from_slice(dot);
+                        out.extend_from_slice(to);
                     }
                     out.push(b'"');
                 }
