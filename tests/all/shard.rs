@@ -377,9 +377,9 @@ async fn a_rebuild_refuses_rows_read_back_that_are_not_the_snapshot() {
     }
 }
 
-/// A shard that halts with a swap pending answers it, and the swap asked
-/// for behind it, with the error that halted it, rather than drop them: the
-/// admin API says why the swap failed.
+/// A shard that halts with a swap pending answers it, the swap deferred
+/// behind it and the one still in its queue with the error that halted
+/// it, rather than drop them: the admin API says why the swap failed.
 ///
 /// The order is made certain, not timed: the shard waits inside a rebuild
 /// (its read of the snapshot, until the test opens the gate) while the
@@ -413,9 +413,14 @@ async fn a_shard_that_halts_answers_the_swaps_asked_for() {
     // which traps again after every rebuild.
     put(&shard, 4, T0 + 8).await;
     put(&shard, 5, T0 + 9).await;
+    let queued = swap_to(&shard, &hashmap).await;
     drop(open);
 
-    for (what, swapped) in [("pending", pending), ("deferred", deferred)] {
+    for (what, swapped) in [
+        ("pending", pending),
+        ("deferred", deferred),
+        ("still queued", queued),
+    ] {
         let err = swap_error(swapped).await;
         assert_eq!(err.kind(), "trap", "{what}: {err}");
     }

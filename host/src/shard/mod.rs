@@ -656,6 +656,9 @@ impl Shard {
         while self.pending_swap.is_some() {
             self.finish_swap();
         }
+        // A swap that halted the shard meanwhile is reported, and the swaps
+        // left behind it are answered.
+        self.halt(&mut rx);
     }
 
     /// Runs one command against the module. Effects that must happen once
@@ -988,9 +991,9 @@ impl Shard {
     }
 
     /// Reports the halt if one is due (see [`Shard::halted`]); true if the
-    /// shard must stop taking commands. The swaps asked for are answered
-    /// with the error that halted it, and the pending one's builder is
-    /// joined: no requester waits on a shard that no longer reads, and no
+    /// shard must stop taking commands. The swaps asked for (pending,
+    /// deferred or still queued) are answered with the error that halted
+    /// it, and the pending one's builder is joined: no requester waits on a shard that no longer reads, and no
     /// builder outlives its shard.
     fn halt(&mut self, rx: &mut mpsc::Receiver<Command>) -> bool {
         let Some(fatal) = self.halted.take() else {
@@ -1016,6 +1019,23 @@ impl Shard {
         }
         for request in std::mem::take(&mut self.deferred_swaps) {
             self.swap_failed(request, fatal.clone());
+        }
+        // So are swaps still queued; the other commands are dropped with the
+        // queue, which is how their senders learn that the shard halted.
+        while let Ok(cmd) = rx.try_recv() {
+            if let Command::Swap {
+                to,
+                fallback,
+                reply,
+            } = cmd
+            {
+                let request = SwapRequest {
+                    to,
+                    fallback,
+                    reply,
+                };
+                self.swap_failed(request, fatal.clone());
+            }
         }
         true
     }
