@@ -55,8 +55,13 @@ impl SharedKey {
     /// If `bytes` is 4 GiB or longer. A key is made from one message's tag
     /// values, and the broker refuses messages far smaller than that.
     pub fn new(bytes: &[u8]) -> Self {
-        let len = u32::try_from(bytes.len())
-            .unwrap_or_else(|_| panic!("a series key of {} bytes", bytes.len()));
+        Self::try_new(bytes).unwrap_or_else(|| panic!("a series key of {} bytes", bytes.len()))
+    }
+
+    /// [`new`](Self::new), or `None` if `bytes` is 4 GiB or longer: for
+    /// keys read from a file, which may be corrupted.
+    pub fn try_new(bytes: &[u8]) -> Option<Self> {
+        let len = u32::try_from(bytes.len()).ok()?;
         let layout = Self::layout(bytes.len());
         // SAFETY: the layout's size is at least the header's 12 bytes.
         let Some(ptr) = NonNull::new(unsafe { alloc(layout) }.cast::<Header>()) else {
@@ -76,7 +81,7 @@ impl SharedKey {
                 bytes.len(),
             );
         }
-        SharedKey(ptr)
+        Some(SharedKey(ptr))
     }
 
     fn header(&self) -> &Header {

@@ -90,12 +90,13 @@ mod key_bytes {
                 f.write_str("a series key (bytes, or hex)")
             }
             fn visit_str<E: Error>(self, v: &str) -> Result<Self::Value, E> {
-                hex::decode(v)
-                    .map(Into::into)
-                    .map_err(|e| E::custom(format!("series key is not hex: {e}")))
+                let bytes =
+                    hex::decode(v).map_err(|e| E::custom(format!("series key is not hex: {e}")))?;
+                self.visit_bytes(&bytes)
             }
             fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Self::Value, E> {
-                Ok(v.into())
+                crate::router::SharedKey::try_new(v)
+                    .ok_or_else(|| E::custom(format!("a series key of {} bytes", v.len())))
             }
         }
         if d.is_human_readable() {
