@@ -994,8 +994,8 @@ impl Shard {
     /// Reports the halt if one is due (see [`Shard::halted`]); true if the
     /// shard must stop taking commands. The swaps asked for (pending,
     /// deferred or still queued) are answered with the error that halted
-    /// it, and the pending one's builder is joined: no requester waits on a shard that no longer reads, and no
-    /// builder outlives its shard.
+    /// it, and the pending one's builder is joined: no requester waits on a
+    /// shard that no longer reads, and no builder outlives its shard.
     fn halt(&mut self, rx: &mut mpsc::Receiver<Command>) -> bool {
         let Some(fatal) = self.halted.take() else {
             return false;
