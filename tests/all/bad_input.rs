@@ -72,6 +72,7 @@ fn check_outcome(limits: &DecodeLimits, body: &[u8], outcome: Result<(), DecodeE
             }
             for m in &msg.metrics {
                 assert!(m.count.is_finite() && m.count >= 0.0, "{}", m.count);
+                assert!(m.count <= limits.max_count as f64, "{}", m.count);
                 for s in [&m.zone, &m.record, &m.rtype] {
                     assert!((1..=limits.max_field_bytes).contains(&s.len()));
                 }
@@ -126,16 +127,25 @@ fn any_json() -> impl Strategy<Value = Value> {
 
 /// A valid message (under [`small_limits`]).
 fn valid_message() -> impl Strategy<Value = Value> {
-    let metric = (any::<u64>(), text(), text(), text(), 0u32..1_000_000).prop_map(
+    // Counts up to and including `max_count` (2^53), fractional ones too.
+    let count = prop_oneof![
+        (0u32..1_000_000).prop_map(|c| f64::from(c) / 4.0),
+        ((1u64 << 53) - 1000..=1u64 << 53).prop_map(|c| c as f64),
+    ];
+    let metric = (any::<u64>(), text(), text(), text(), count).prop_map(
         |(customer, zone, record, rtype, count)| {
             json!({"customer": customer, "zone": zone, "record": record,
-                   "type": rtype, "count": f64::from(count) / 4.0})
+                   "type": rtype, "count": count})
         },
     );
     (
         text(),
         text(),
-        1_000_000_000u64..9_999_999_999,
+        prop_oneof![
+            1_000_000_000u64..9_999_999_999,
+            Just(1_000_000_000u64),
+            Just(9_999_999_999u64),
+        ],
         prop::collection::vec(metric, 0..4),
     )
         .prop_map(|(pop, host, time, metrics)| {
@@ -169,7 +179,20 @@ enum Mutation {
 
 const FIELDS: [&str; 4] = ["pop", "host", "time", "metrics"];
 const METRIC_FIELDS: [&str; 5] = ["customer", "zone", "record", "type", "count"];
-const TOKENS: [&str; 14] = [
+const TOKENS: [&str; 25] = [
+    // At and just past the limits: `max_count` (2^53 by default; 2^53 + 2
+    // is the next f64), `f64::MAX`, u64's end, `min_time`/`max_time`.
+    "9007199254740992",
+    "9007199254740994",
+    "9.007199254740992e15",
+    "1e308",
+    "1.7976931348623157e308",
+    "18446744073709551615",
+    "18446744073709551615.0",
+    "9999999999",
+    "10000000000",
+    "999999999",
+    "1000000000",
     "NaN",
     "Infinity",
     "-Infinity",
@@ -315,6 +338,34 @@ fn decoder_accepts_valid_messages_and_refuses_mutations_with_a_code() {
             let body = apply(msg, &mutations);
             decode_checked(&limits, &body);
             decode_checked(&DecodeLimits::default(), &body);
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// The fields of an object as an array, in the order the README lists
+/// them: what serde's derive would read as the struct, positionally.
+fn positional(object: &Value, fields: &[&str]) -> Value {
+    Value::Array(fields.iter().map(|f| object[*f].clone()).collect())
+}
+
+#[test]
+fn decoder_refuses_positional_arrays_for_a_message_or_any_metric() {
+    let mut runner = TestRunner::new(proptest_config(500));
+    let strategy = (valid_message(), any::<prop::sample::Index>());
+    runner
+        .run(&strategy, |(mut msg, at)| {
+            let metrics = msg["metrics"].as_array().map_or(0, Vec::len);
+            let whole = metrics == 0 || at.index(2) == 0;
+            let body = if whole {
+                serde_json::to_vec(&positional(&msg, &FIELDS)).unwrap()
+            } else {
+                let i = at.index(metrics);
+                msg["metrics"][i] = positional(&msg["metrics"][i], &METRIC_FIELDS);
+                serde_json::to_vec(&msg).unwrap()
+            };
+            let err = JsonDecoder::default().decode(&body).map(drop);
+            prop_assert_eq!(err.map_err(|e| e.code()), Err("bad_json"));
             Ok(())
         })
         .unwrap();
@@ -482,6 +533,29 @@ fn hostile_corpus() -> Vec<(&'static str, Vec<u8>)> {
             "bad_json",
             [&b"\xef\xbb\xbf"[..], &good("1764000000", "\"lga\"", "1")].concat(),
         ),
+        // Counts whose sums overflowed a rollup to infinity and crash-looped
+        // the host: refused at `max_count` (2^53) before any sum.
+        (
+            "bad_field",
+            br#"{"pop":"p","host":"h","time":1764000000,"metrics":[{"customer":7,"zone":"z","record":"r","type":"A","count":1e308},{"customer":7,"zone":"z","record":"r2","type":"A","count":1e308}]}"#.to_vec(),
+        ),
+        ("bad_field", good("1764000000", "\"lga\"", "9e307")),
+        ("bad_field", good("1764000000", "\"lga\"", "9007199254740994")),
+        // 1e308 in every other numeric field.
+        ("bad_json", good("1e308", "\"lga\"", "1")),
+        (
+            "bad_json",
+            br#"{"pop":"p","host":"h","time":1764000000,"metrics":[{"customer":1e308,"zone":"z","record":"r","type":"A","count":1}]}"#.to_vec(),
+        ),
+        // Positional arrays, which serde's derive would read as structs.
+        (
+            "bad_json",
+            br#"["p","h",1764000000,[{"customer":7,"zone":"z","record":"r","type":"A","count":1}]]"#.to_vec(),
+        ),
+        (
+            "bad_json",
+            br#"{"pop":"p","host":"h","time":1764000000,"metrics":[[7,"z","r","A",1]]}"#.to_vec(),
+        ),
     ]
 }
 
@@ -521,7 +595,7 @@ async fn hostile_messages_are_dead_lettered_with_their_reason_and_valid_totals_s
     let valid: Vec<Vec<u8>> = (0..300u64).map(|i| generator.message(T0 + i / 3)).collect();
     let mut all: Vec<(String, Vec<u8>)> = valid.iter().map(|b| (KEY.into(), b.clone())).collect();
     for (i, (_, body)) in corpus.iter().enumerate() {
-        all.insert(i * 11 + 1, (KEY.into(), body.clone()));
+        all.insert(i * 9 + 1, (KEY.into(), body.clone()));
     }
     let publisher = AmqpPublisher::connect(&names.config().uri, &names.exchange())
         .await

@@ -30,6 +30,12 @@ pub struct DecodeLimits {
     pub min_time: u64,
     /// Latest `time` accepted (seconds since the Unix epoch).
     pub max_time: u64,
+    /// Largest `count` accepted. An integer, so that no sum of accepted
+    /// counts can leave `f64`'s range: 2^64 samples of `u64::MAX` each sum
+    /// to about 3.4e38, and their squares (a variance) to 6e57, far below
+    /// `f64::MAX` (1.8e308). The default, 2^53, is the largest count `f64`
+    /// still holds exactly.
+    pub max_count: u64,
 }
 
 impl Default for DecodeLimits {
@@ -42,6 +48,7 @@ impl Default for DecodeLimits {
             // catches milliseconds sent by mistake.
             min_time: 1_000_000_000,
             max_time: 9_999_999_999,
+            max_count: 1 << 53,
         }
     }
 }
@@ -85,7 +92,7 @@ impl DecodeError {
 
 /// One metric of a message.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct Metric<'a> {
     /// Customer id: the key every rollup starts with.
     pub customer: u64,
@@ -104,7 +111,7 @@ pub struct Metric<'a> {
 
 /// A decoded message.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct Message<'a> {
     /// Point of presence the counts come from.
     #[serde(borrow)]
@@ -118,6 +125,51 @@ pub struct Message<'a> {
     /// The counts.
     #[serde(borrow)]
     pub metrics: Vec<Metric<'a>>,
+}
+
+// serde's derive also reads a struct from a JSON array of its fields in
+// order (`[1042,"example.com",...]`), a form the README does not describe
+// and a publisher's bug could produce by accident. `remote = "Self"` makes
+// the derive an inherent function, so these impls can hand it a
+// deserializer that reads structs only from JSON objects.
+impl<'de: 'a, 'a> Deserialize<'de> for Metric<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Metric::deserialize(ObjectsOnly(d))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Message<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Message::deserialize(ObjectsOnly(d))
+    }
+}
+
+/// A deserializer that reads a struct only from a map: its
+/// `deserialize_struct` asks the inner one for a map, which serde_json
+/// refuses for an array ("invalid type: sequence, expected struct ...").
+struct ObjectsOnly<D>(D);
+
+impl<'de, D: serde::Deserializer<'de>> serde::Deserializer<'de> for ObjectsOnly<D> {
+    type Error = D::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, v: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_any(v)
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        v: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(v)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf option unit unit_struct newtype_struct seq tuple
+        tuple_struct map enum identifier ignored_any
+    }
 }
 
 /// Turns a message body into a [`Message`]. A trait so that a binary
@@ -191,6 +243,14 @@ impl Decoder for JsonDecoder {
                     format!("{} is not a finite count >= 0", m.count),
                 );
             }
+            // `as f64` rounds u64::MAX up to 2^64; a count equal to that
+            // is still finite in every sum (see `max_count`).
+            if m.count > limits.max_count as f64 {
+                return bad(
+                    format!("metrics[{i}].count"),
+                    format!("{} is more than max_count {}", m.count, limits.max_count),
+                );
+            }
             check_text_at(i, "zone", &m.zone, limits.max_field_bytes)?;
             check_text_at(i, "record", &m.record, limits.max_field_bytes)?;
             check_text_at(i, "type", &m.rtype, limits.max_field_bytes)?;
@@ -256,6 +316,16 @@ mod tests {
             ),
             (&format!("{}{}", GOOD, " ".repeat(400)), "too_large"),
             (&"[".repeat(300), "bad_json"),
+            (
+                &GOOD.replace("\"count\":37", "\"count\":1e308"),
+                "bad_field",
+            ),
+            (
+                &GOOD.replace("\"count\":37", "\"count\":9007199254740994"),
+                "bad_field",
+            ),
+            (&GOOD.replace("1042", "1e308"), "bad_json"),
+            (&GOOD.replace("1764133200", "1e308"), "bad_json"),
         ];
         for (body, code) in cases {
             let err = d.decode(body.as_bytes()).expect_err(body);
@@ -276,6 +346,33 @@ mod tests {
         let err = JsonDecoder::default().decode(&body).unwrap_err();
         assert_eq!(err.code(), "bad_json");
         assert!(err.to_string().contains("not UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn the_largest_accepted_count_is_max_count() {
+        let at = GOOD.replace("\"count\":37", "\"count\":9007199254740992");
+        let msg = JsonDecoder::default().decode(at.as_bytes()).unwrap();
+        assert_eq!(msg.metrics[0].count, 9_007_199_254_740_992.0);
+        let d = JsonDecoder::new(DecodeLimits {
+            max_count: 36,
+            ..DecodeLimits::default()
+        });
+        let err = d.decode(GOOD.as_bytes()).unwrap_err();
+        assert_eq!(err.code(), "bad_field");
+        assert!(err.to_string().contains("max_count 36"), "{err}");
+    }
+
+    #[test]
+    fn positional_arrays_are_refused() {
+        let metric = r#"[1042,"example.com","www.example.com","A",37]"#;
+        let nested =
+            format!(r#"{{"pop":"lga","host":"h","time":1764133200,"metrics":[{metric}]}}"#);
+        let top = format!(r#"["lga","h",1764133200,[{metric}]]"#);
+        for body in [nested, top] {
+            let err = JsonDecoder::default().decode(body.as_bytes()).unwrap_err();
+            assert_eq!(err.code(), "bad_json", "{body}");
+            assert!(err.to_string().contains("expected struct"), "{err}");
+        }
     }
 
     #[test]
