@@ -254,7 +254,9 @@ impl VictoriaMetrics {
         let resp = self
             .client
             .get(format!("{}/api/v1/export", self.http_url()))
-            .query(&[("match[]", selector.as_str())])
+            // `end` defaults to now: a point a source dated ahead (inside
+            // wagg's `max_future_secs`) would not be read back.
+            .query(&[("match[]", selector.as_str()), ("end", "9999999999")])
             .send()
             .await
             .expect("export request failed");

@@ -68,6 +68,22 @@ fn messages(first: u64, n: u64, seed: u64, step: f64) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The watermark wagg flushes to after `bodies` while every source is
+/// active: the lowest latest event time of any `pop`/`host`, minus the
+/// lateness, at a bucket start.
+fn per_source_watermark(bodies: &[Vec<u8>], lateness: u64) -> u64 {
+    let mut latest = HashMap::<(String, String), u64>::new();
+    for body in bodies {
+        let msg: wagg::source::json::Message = serde_json::from_slice(body).unwrap();
+        let t = latest
+            .entry((msg.pop.to_string(), msg.host.to_string()))
+            .or_default();
+        *t = (*t).max(msg.time);
+    }
+    let low = latest.values().min().copied().unwrap_or(0) - lateness;
+    low - low % u64::from(WIDTH)
+}
+
 /// Publishes `bodies` with confirms, in chunks with pauses; returns what
 /// the broker confirmed (everything, or the test fails).
 fn publish_slowly(
@@ -544,9 +560,11 @@ async fn sigterm_mid_window_flushes_complete_buckets_acks_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     // No idle flush: only the lateness closes buckets.
     let mut wagg = Wagg::start(dir.path(), &amqp, &vm.opentsdb_url(), 0);
-    // 0..200 s: buckets 0 and 60 complete (the watermark is 169 → 120),
-    // 120 and 180 open.
-    let bodies = messages(0, 400, 41, 0.5);
+    // 0..200 s over 100 sources: the buckets before the watermark of the
+    // slowest source are complete, the later ones open.
+    let bodies = messages(0, 1600, 41, 0.125);
+    let watermark = per_source_watermark(&bodies, 30);
+    assert!(watermark > T0 - T0 % 60, "some bucket is complete");
     let confirmed = publish_slowly(&amqp, bodies, 100, Duration::ZERO)
         .await
         .unwrap();
@@ -557,7 +575,7 @@ async fn sigterm_mid_window_flushes_complete_buckets_acks_and_exits_0() {
     let want = expected(&confirmed, WIDTH);
     let complete: Totals = want
         .iter()
-        .filter(|((_, bucket), _)| *bucket < T0 - T0 % 60 + 120)
+        .filter(|((_, bucket), _)| *bucket < watermark)
         .map(|(k, v)| (k.clone(), *v))
         .collect();
     let (got, _) = read_checked(&vm).await;

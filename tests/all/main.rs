@@ -5,6 +5,7 @@ mod ack_ledger;
 mod admin;
 mod amqp;
 mod bad_input;
+mod event_time;
 mod fault_proxy;
 mod faults;
 mod harness;

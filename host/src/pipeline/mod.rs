@@ -29,6 +29,7 @@
 
 pub mod checkpoint;
 pub mod dedup;
+pub mod event_time;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -51,7 +52,7 @@ use crate::source::json::Decoder;
 use crate::telemetry::{
     CheckpointWritten, DeliveriesAcked, DuplicateRecognised, MessageDeadLettered, MessageDecoded,
     MessageReceived, Metrics, PointsRefused, PointsWritten, SamplesLate, SamplesRouted,
-    SinkWriteFailed, SourceOperationFailed, WatermarkAdvanced,
+    SinkWriteFailed, SourceOperationFailed, WatermarkAdvanced, WatermarkRestored,
 };
 use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Pending, Rows, VERSION};
 
@@ -68,6 +69,16 @@ pub struct PipelineConfig {
     /// keeps the last write of a point and a second, partial write would
     /// replace the complete total.
     pub allowed_lateness_secs: u64,
+    /// A message dated more than this many seconds past this host's wall
+    /// clock is dead-lettered (`from_future`) instead of moving event time:
+    /// one clock a day ahead would otherwise make a day of everyone's
+    /// samples late.
+    pub max_future_secs: u64,
+    /// A source (`pop`/`host`) that sent nothing for this many seconds of
+    /// wall time no longer holds the watermark back. The watermark is the
+    /// lowest latest event time of the sources active within it, minus
+    /// `allowed_lateness_secs` (see `pipeline::event_time`).
+    pub source_idle_secs: u64,
     /// After this many seconds without a message, every open bucket is
     /// flushed (the stream is taken as complete up to its latest event). 0
     /// disables it.
@@ -98,6 +109,8 @@ impl Default for PipelineConfig {
         PipelineConfig {
             bucket_seconds: 60,
             allowed_lateness_secs: 30,
+            max_future_secs: 300,
+            source_idle_secs: 60,
             idle_flush_secs: 120,
             batch_size: 1024,
             batch_max_delay_ms: 50,
@@ -405,6 +418,9 @@ struct Coordinator<S: Source> {
     /// goes past the first of them (a `multiple` ack past it would drop it
     /// without its dead letter).
     undead: Vec<(Delivery, &'static str, String)>,
+    /// Each source's latest event time: the watermark's low mark.
+    sources: event_time::Sources,
+    late_log: event_time::LateLog,
 }
 
 /// Runs the pipeline until `shutdown` resolves or the source ends, then
@@ -435,6 +451,12 @@ pub async fn run<S: Source>(
         );
     }
     let metrics = parts.metrics.clone();
+    WatermarkRestored {
+        watermark: cp.flushed_watermark,
+        max_future_secs: parts.config.max_future_secs,
+        now: event_time::wall_now(),
+    }
+    .emit(&metrics);
     source.set_metrics(metrics.clone());
     parts.sink.set_metrics(metrics.clone());
     let router = Router::new(parts.router.clone());
@@ -467,6 +489,11 @@ pub async fn run<S: Source>(
         last_delivery: Instant::now(),
         open_data: cp.max_event_time > cp.flushed_watermark,
         undead: Vec::new(),
+        sources: event_time::Sources::new(
+            Duration::from_secs(parts.config.source_idle_secs),
+            event_time::MAX_SOURCES,
+        ),
+        late_log: event_time::LateLog::new(Duration::from_secs(10)),
         unacked: 0,
         parts,
     };
@@ -809,25 +836,16 @@ impl<S: Source> Coordinator<S> {
         let msg = match decoder.decode(&d.body) {
             Ok(msg) => msg,
             Err(err) => {
-                MessageDeadLettered {
-                    reason: err.code(),
-                    error: &err,
-                }
-                .emit(&self.metrics, &self.counters);
-                let reason = err.to_string();
-                if let Err(e) = self.source.dead_letter(&d, err.code(), &reason).await {
-                    // It stays unacked: retried at the next checkpoint,
-                    // which acks only the deliveries before it meanwhile.
-                    SourceOperationFailed {
-                        op: "dead_letter",
-                        error: &e,
-                    }
-                    .emit(&self.metrics);
-                    self.undead.push((d, err.code(), reason));
-                }
+                self.reject(d, err.code(), &err).await;
                 return Ok(());
             }
         };
+        let max_future = self.parts.config.max_future_secs;
+        if let Err(err) = event_time::check_future(msg.time, event_time::wall_now(), max_future) {
+            drop(msg);
+            self.reject(d, event_time::FromFuture::CODE, &err).await;
+            return Ok(());
+        }
         MessageDecoded {
             samples: msg.metrics.len(),
         }
@@ -835,6 +853,7 @@ impl<S: Source> Coordinator<S> {
         let width = u64::from(self.parts.config.bucket_seconds);
         let bucket_end = msg.time - msg.time % width + width;
         let samples = msg.metrics.len() * self.parts.router.rollups.len();
+        let now = Instant::now();
         if bucket_end <= self.flushed_watermark {
             SamplesLate {
                 samples,
@@ -842,9 +861,17 @@ impl<S: Source> Coordinator<S> {
                 watermark: self.flushed_watermark,
             }
             .emit(&self.metrics, &self.counters);
+            self.late_log.add(
+                samples as u64,
+                self.flushed_watermark - msg.time,
+                &msg.pop,
+                &msg.host,
+                now,
+            );
         } else {
             self.router.route(&msg, &mut self.batches);
             SamplesRouted { samples }.emit(&self.metrics, &self.counters);
+            self.sources.observe(&msg.pop, &msg.host, msg.time, now);
             self.max_event_time = self.max_event_time.max(msg.time);
             self.open_data = true;
             self.batch_started.get_or_insert_with(Instant::now);
@@ -859,6 +886,40 @@ impl<S: Source> Coordinator<S> {
             }
         }
         Ok(())
+    }
+
+    /// Dead-letters a delivery that is the input's fault, with its reason
+    /// code; if the dead letter fails, it waits in `undead`.
+    async fn reject(
+        &mut self,
+        d: Delivery,
+        code: &'static str,
+        err: &(dyn std::error::Error + Send + Sync + 'static),
+    ) {
+        MessageDeadLettered {
+            reason: code,
+            error: err,
+        }
+        .emit(&self.metrics, &self.counters);
+        let reason = err.to_string();
+        if let Err(e) = self.source.dead_letter(&d, code, &reason).await {
+            // It stays unacked: retried at the next checkpoint, which acks
+            // only the deliveries before it meanwhile.
+            SourceOperationFailed {
+                op: "dead_letter",
+                error: &e,
+            }
+            .emit(&self.metrics);
+            self.undead.push((d, code, reason));
+        }
+    }
+
+    /// The latest event time every active source has reached (see
+    /// `event_time`); with none active, the latest of all.
+    fn low_event_time(&self, now: Instant) -> u64 {
+        self.sources
+            .low(now)
+            .map_or(self.max_event_time, |(t, _)| t)
     }
 
     async fn send_batch(&mut self, i: usize) -> Result<(), PipelineError> {
@@ -889,8 +950,10 @@ impl<S: Source> Coordinator<S> {
             self.send_all_batches().await?;
         }
         let width = u64::from(cfg.bucket_seconds);
+        let now = Instant::now();
+        self.late_log.maybe_log(now);
         let mut watermark = self
-            .max_event_time
+            .low_event_time(now)
             .saturating_sub(cfg.allowed_lateness_secs);
         watermark -= watermark % width;
         if self.outbox.pending_points() > cfg.max_pending_points {
@@ -1051,7 +1114,7 @@ impl<S: Source> Coordinator<S> {
             }
             _ => {
                 let w = self
-                    .max_event_time
+                    .low_event_time(Instant::now())
                     .saturating_sub(cfg.allowed_lateness_secs);
                 w - w % width
             }

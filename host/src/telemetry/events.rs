@@ -199,6 +199,71 @@ impl SamplesLate {
     }
 }
 
+/// Late samples since the last such line: the pipeline sums them and
+/// emits this at most every few seconds, so a stream of late messages is
+/// seen in the log without flooding it.
+#[derive(Debug, Clone, Copy)]
+pub struct LateSamplesSummary<'a> {
+    /// Samples dropped since the last line (entries times rollups).
+    pub samples: u64,
+    /// Messages they came in.
+    pub messages: u64,
+    /// How far the latest of them fell behind the flushed watermark, at
+    /// worst, in seconds.
+    pub worst_secs: u64,
+    /// The `pop/host` of that message.
+    pub worst_source: &'a str,
+}
+
+impl LateSamplesSummary<'_> {
+    /// WARN: data was dropped (the source's clock or its queueing delay is
+    /// behind `allowed_lateness_secs`).
+    pub fn emit(&self) {
+        tracing::warn!(
+            samples = self.samples,
+            messages = self.messages,
+            worst_secs = self.worst_secs,
+            worst_source = self.worst_source,
+            "Dropped late samples: their buckets were already flushed. \
+             The worst was {} s behind, from {}; raise pipeline.allowed_lateness_secs \
+             if this source is only slow.",
+            self.worst_secs,
+            self.worst_source
+        );
+    }
+}
+
+/// The flushed watermark read from the checkpoint at start.
+#[derive(Debug, Clone, Copy)]
+pub struct WatermarkRestored {
+    /// The checkpoint's flushed watermark, Unix seconds (0 without one).
+    pub watermark: u64,
+    /// `max_future_secs`.
+    pub max_future_secs: u64,
+    /// The wall clock, Unix seconds.
+    pub now: u64,
+}
+
+impl WatermarkRestored {
+    /// `wagg_flushed_watermark_seconds` set (so it does not read 0 until
+    /// the first flush); WARN if the watermark is further ahead of the wall
+    /// clock than any message may be, which only a wagg without the
+    /// `max_future_secs` bound, or a clock that went back, can leave.
+    pub fn emit(&self, metrics: &Metrics) {
+        metrics.flushed_watermark.set(gauge_value(self.watermark));
+        let ahead = self.watermark.saturating_sub(self.now);
+        if ahead > self.max_future_secs.max(1) {
+            tracing::warn!(
+                watermark = self.watermark,
+                ahead_secs = ahead,
+                "The checkpoint's watermark is {ahead} s ahead of this host's clock: \
+                 samples before it are late until the clock catches up. \
+                 Check this host's clock, or remove the checkpoint to start over."
+            );
+        }
+    }
+}
+
 /// A message's samples were routed into shard batches. Per message: no log.
 #[derive(Debug, Clone, Copy)]
 pub struct SamplesRouted {
