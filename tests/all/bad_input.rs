@@ -649,6 +649,15 @@ async fn hostile_messages_are_dead_lettered_with_their_reason_and_valid_totals_s
             other => panic!("reason code: {other:?}"),
         };
         assert!(headers.inner().contains_key("x-wagg-reason"));
+        // The original routing key and properties stay with it.
+        match headers.inner().get("x-wagg-routing-key") {
+            Some(AMQPValue::LongString(s)) => assert_eq!(s.as_bytes(), KEY.as_bytes()),
+            other => panic!("routing key: {other:?}"),
+        }
+        assert!(
+            got.delivery.properties.message_id().is_some(),
+            "the publisher's message_id is kept"
+        );
         dead.push((code, got.delivery.data));
     }
     let _ = conn.close(200, "bye".into()).await;

@@ -4,24 +4,49 @@
 //! later checkpoint. If the connection dies in between (or the host
 //! restarts), the broker redelivers it with `redelivered = true`, and
 //! counting it again would double its samples. So the pipeline remembers the
-//! body hash of every counted message whose acknowledgement the broker has
-//! not yet confirmed, and a redelivery whose hash it remembers is skipped
-//! (and acknowledged).
+//! identity of every counted message whose acknowledgement the broker has
+//! not yet confirmed, and a redelivery whose identity it remembers is
+//! skipped (and acknowledged).
 //!
-//! Hashes of the current connection are forgotten as confirmed acks cover
-//! them. Hashes from an earlier connection (or from the checkpoint, after a
-//! restart) are kept until the redeliveries are over: RabbitMQ requeues
-//! unacknowledged messages at their place, ahead of newer ones, so once a
-//! confirmed ack covers a fresh (not redelivered) message of the new
+//! # The rule
+//!
+//! - A delivery the broker does not flag `redelivered` is never a
+//!   duplicate: the broker has not handed it to anyone before.
+//! - A message's identity is its publisher's `message_id` where it has one
+//!   ([`identity`]), else a hash of its body. With `message_id`s unique per
+//!   message (wagg's own publishers set them), a redelivery and a second,
+//!   byte-identical message are told apart exactly.
+//! - Without a `message_id`, two byte-identical messages are one identity.
+//!   A redelivered body is taken for the redelivery of an identical one that
+//!   the checkpoint holds as counted but not confirmed acked. That is wrong
+//!   exactly when the first was acked after that checkpoint, the second
+//!   arrived before the next one, and the host died in between: the second
+//!   is then dropped as a duplicate. Publishers that can send identical
+//!   bodies (two POP hosts with the same counts) set `message_id`.
+//!
+//! Identities of the current connection are forgotten as confirmed acks
+//! cover them. Those from an earlier connection (or from the checkpoint,
+//! after a restart) are kept until the redeliveries are over: RabbitMQ
+//! requeues unacknowledged messages at their place, ahead of newer ones, so
+//! once a confirmed ack covers a fresh (not redelivered) message of the new
 //! connection, no old one can come back.
-//!
-//! Two byte-identical messages that are both redelivered count once: the
-//! price of recognising messages by content, which needs nothing from
-//! publishers.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::source::amqp::DeliveryTag;
+use crate::source::amqp::{Delivery, DeliveryTag};
+
+/// Seeds the hash of a `message_id`, so that an id never equals the hash of
+/// a body that happens to be the same bytes.
+const MESSAGE_ID_SEED: u64 = 0x6d65_7373_6167_6569;
+
+/// What recognises a delivery: its `message_id` if the publisher set one,
+/// else its body (see the module docs).
+pub fn identity(d: &Delivery) -> u64 {
+    match d.message_id() {
+        Some(id) => xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), MESSAGE_ID_SEED),
+        None => xxhash_rust::xxh3::xxh3_64(&d.body),
+    }
+}
 
 /// See the module docs.
 #[derive(Debug, Default)]
@@ -135,6 +160,24 @@ mod tests {
         assert!(d.seen(tag(2, 5), true, 103), "no fresh message acked yet");
         d.acked(tag(2, 4));
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn identical_bodies_with_their_own_message_ids_are_two_identities() {
+        let body = br#"{"pop":"p"}"#.to_vec();
+        let with_id = |id: &str| {
+            let mut d = Delivery::bare(body.clone(), true, tag(1, 1));
+            d.properties = d.properties.with_message_id(id.into());
+            identity(&d)
+        };
+        assert_ne!(with_id("a-1"), with_id("a-2"));
+        assert_eq!(with_id("a-1"), with_id("a-1"));
+        let bare = identity(&Delivery::bare(body.clone(), true, tag(1, 1)));
+        assert_eq!(bare, xxhash_rust::xxh3::xxh3_64(&body));
+        // An empty id is no id: the body identifies it.
+        assert_eq!(with_id(""), bare);
+        // An id that is the body's bytes is still not the body.
+        assert_ne!(with_id(r#"{"pop":"p"}"#), bare);
     }
 
     #[test]

@@ -824,7 +824,7 @@ impl<S: Source> Coordinator<S> {
         MessageReceived.emit(&self.metrics, &self.counters);
         self.last_delivery = Instant::now();
         self.unacked += 1;
-        let hash = xxhash_rust::xxh3::xxh3_64(&d.body);
+        let hash = dedup::identity(&d);
         if self.dedup.seen(d.tag, d.redelivered, hash) {
             // Counted before a reconnect or a restart, and its effect is in
             // the state (or the checkpoint): ack it with the next checkpoint.

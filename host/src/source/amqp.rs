@@ -349,6 +349,36 @@ pub struct Delivery {
     pub redelivered: bool,
     /// What [`AmqpSource::ack_upto`] and [`AmqpSource::dead_letter`] take.
     pub tag: DeliveryTag,
+    /// The routing key it was published with (the customer's, with the
+    /// consistent-hash exchange): logged and kept on a dead letter.
+    pub routing_key: ShortString,
+    /// Its properties as published (content type, `message_id`, headers,
+    /// ...): a dead letter keeps them, and a `message_id` identifies a
+    /// redelivery exactly (see `pipeline::dedup`).
+    pub properties: BasicProperties,
+}
+
+impl Delivery {
+    /// A delivery of `body` with no routing key or properties (the demo's
+    /// generator, tests).
+    pub fn bare(body: Vec<u8>, redelivered: bool, tag: DeliveryTag) -> Self {
+        Delivery {
+            body,
+            redelivered,
+            tag,
+            routing_key: ShortString::default(),
+            properties: BasicProperties::default(),
+        }
+    }
+
+    /// The publisher's `message_id`, if it set a non-empty one.
+    pub fn message_id(&self) -> Option<&str> {
+        self.properties
+            .message_id()
+            .as_ref()
+            .map(ShortString::as_str)
+            .filter(|id| !id.is_empty())
+    }
 }
 
 /// Identifies a delivery: the connection generation and the AMQP delivery tag
@@ -913,7 +943,15 @@ impl AmqpAcker {
         }
 
         let code = truncate_utf8(code, MAX_REASON_CODE_BYTES);
-        let mut headers = FieldTable::default();
+        // The publisher's own headers and properties stay, so the message
+        // can be fixed and published again as it was; the dead letter goes
+        // to the queue by the queue's name, so the original routing key is
+        // a header (as RabbitMQ's `x-death` keeps `routing-keys`).
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-wagg-routing-key".into(),
+            AMQPValue::LongString(delivery.routing_key.as_str().into()),
+        );
         headers.insert(
             "x-wagg-reason".into(),
             AMQPValue::LongString(truncate_utf8(reason, MAX_REASON_BYTES).into()),
@@ -922,7 +960,9 @@ impl AmqpAcker {
             "x-wagg-reason-code".into(),
             AMQPValue::LongString(code.into()),
         );
-        let properties = BasicProperties::default()
+        let properties = delivery
+            .properties
+            .clone()
             .with_delivery_mode(PERSISTENT)
             .with_headers(headers);
         let channel = self.dead_letter_channel().await?;
@@ -1170,6 +1210,8 @@ impl AmqpSource {
                             generation,
                             tag: delivery.delivery_tag,
                         },
+                        routing_key: delivery.routing_key,
+                        properties: delivery.properties,
                     });
                 }
                 Some(Err(error)) => {
@@ -1416,11 +1458,18 @@ impl Drop for AmqpSource {
 ///
 /// Messages are published `mandatory`: one that no queue is bound for is
 /// returned and reported as [`SourceError::Unroutable`] instead of vanishing.
+///
+/// Each message carries a `message_id` unique to it (this publisher's random
+/// 64-bit id and a sequence number), so that wagg tells a redelivery from a
+/// second, byte-identical message exactly (see `pipeline::dedup`).
 pub struct AmqpPublisher {
     connection: Connection,
     channel: Channel,
     exchange: ShortString,
     persistent: bool,
+    /// This publisher's part of every `message_id`; `None`: no ids.
+    id_prefix: Option<String>,
+    sequence: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for AmqpPublisher {
@@ -1457,7 +1506,19 @@ impl AmqpPublisher {
             channel,
             exchange,
             persistent: true,
+            id_prefix: Some(format!("{:016x}", rand::random::<u64>())),
+            sequence: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Whether messages carry a `message_id` (by default they do). Without
+    /// one, wagg can only recognise redeliveries by their bodies.
+    #[must_use]
+    pub fn message_ids(mut self, on: bool) -> Self {
+        if !on {
+            self.id_prefix = None;
+        }
+        self
     }
 
     /// Whether messages are persistent (`delivery_mode` 2) or transient (1).
@@ -1535,6 +1596,11 @@ impl AmqpPublisher {
         body: &[u8],
     ) -> Result<PublisherConfirm, SourceError> {
         let delivery_mode = if self.persistent { PERSISTENT } else { 1 };
+        let mut properties = BasicProperties::default().with_delivery_mode(delivery_mode);
+        if let Some(prefix) = &self.id_prefix {
+            let n = self.sequence.fetch_add(1, Ordering::Relaxed);
+            properties = properties.with_message_id(format!("{prefix}-{n}").into());
+        }
         self.channel
             .basic_publish(
                 self.exchange.clone(),
@@ -1544,7 +1610,7 @@ impl AmqpPublisher {
                     ..BasicPublishOptions::default()
                 },
                 body,
-                BasicProperties::default().with_delivery_mode(delivery_mode),
+                properties,
             )
             .await
             .map_err(amqp("basic.publish"))

@@ -308,11 +308,7 @@ impl crate::pipeline::Source for GeneratorSource {
             tag: self.next_tag,
         };
         self.next_tag += 1;
-        Some(Delivery {
-            body,
-            redelivered: false,
-            tag,
-        })
+        Some(Delivery::bare(body, false, tag))
     }
 
     async fn ack_upto(&self, _tag: DeliveryTag) -> Result<bool, SourceError> {

@@ -70,6 +70,10 @@ pub(crate) struct Publisher {
     exchange: ShortString,
     routing_key: ShortString,
     properties: BasicProperties,
+    /// This publisher's part of every `message_id` (with a sequence
+    /// number): identical bodies stay two messages to wagg's dedup.
+    id_prefix: String,
+    sequence: u64,
     tx: Option<mpsc::Sender<InFlight>>,
     confirmer: Option<JoinHandle<Result<(), SourceError>>>,
     counts: Arc<PublishCounts>,
@@ -122,6 +126,8 @@ impl Publisher {
             } else {
                 1
             }),
+            id_prefix: format!("{:016x}", rand::random::<u64>()),
+            sequence: 0,
             tx: Some(tx),
             confirmer: Some(confirmer),
             counts,
@@ -153,7 +159,11 @@ impl Publisher {
     pub(crate) async fn publish(&mut self, body: Vec<u8>) -> Result<(), TrafficError> {
         let channel = self.channel.clone();
         let (exchange, routing_key) = (self.exchange.clone(), self.routing_key.clone());
-        let properties = self.properties.clone();
+        let properties = self
+            .properties
+            .clone()
+            .with_message_id(format!("{}-{}", self.id_prefix, self.sequence).into());
+        self.sequence += 1;
         let mut send: SendFuture = Box::pin(async move {
             channel
                 .basic_publish(
