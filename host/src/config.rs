@@ -144,6 +144,9 @@ impl Config {
             .amqp
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.sink
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("sink: {e}")))?;
         Ok(())
     }
 
@@ -184,5 +187,14 @@ mod tests {
         assert!(err.to_string().contains("pipeline.bucket_seconds"), "{err}");
         let err = Config::from_toml("[router]\nshards = 0\n").unwrap_err();
         assert!(err.to_string().contains("router.shards"), "{err}");
+    }
+
+    #[test]
+    fn config_check_refuses_an_https_sink_url_that_run_would_refuse() {
+        let toml = "[sink]\nkind = \"opentsdb\"\nurl = \"https://tsdb.example:4242\"\n";
+        let err = Config::from_toml(toml).unwrap_err();
+        assert!(err.to_string().contains("only http://"), "{err}");
+        let ok = "[sink]\nkind = \"opentsdb\"\nurl = \"http://tsdb.example:4242\"\n";
+        Config::from_toml(ok).unwrap();
     }
 }

@@ -83,6 +83,14 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Write every open bucket of a running host now, as if its stream had
+    /// ended (before stopping it for good, or after a replay). A sample that
+    /// arrives later for one of those buckets is late. A plain stop
+    /// (SIGTERM) keeps open buckets in the checkpoint instead.
+    Flush {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Run a module in shadow beside the incumbent (its output is compared,
     /// never written), or stop the shadow.
     Shadow {
@@ -273,6 +281,14 @@ fn run(command: Command) -> anyhow::Result<()> {
                 _ => tokio_runtime()?.block_on(client.rollout())?,
             };
             print!("{}", admin_client::rollout_summary(&view));
+            Ok(())
+        }
+        Command::Flush { admin } => {
+            let client = admin.client()?;
+            let watermark = tokio_runtime()?
+                .block_on(client.flush())
+                .context("the open buckets were not flushed")?;
+            println!("flushed every open bucket: watermark {watermark}");
             Ok(())
         }
         Command::Promote { admin } => {

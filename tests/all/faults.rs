@@ -49,6 +49,8 @@ use crate::harness::{Totals, WIDTH, compare, expected};
 const T0: u64 = 1_764_000_000;
 /// Safety net against a hung test; never a timing assertion.
 const PATIENCE: Duration = Duration::from_secs(90);
+/// The `wagg run` processes' admin token.
+const ADMIN_TOKEN: &str = "faults-test-token";
 
 /// `n` generated messages from `first` on, event time advancing by `step`
 /// seconds per message (several buckets, flushed as the stream goes).
@@ -380,6 +382,7 @@ retry_max_ms = 200
 
 [admin]
 listen = "{admin}"
+token = "{ADMIN_TOKEN}"
 "#,
             data = dir.join("data").display(),
             uri = amqp.uri,
@@ -648,6 +651,12 @@ async fn sigterm_mid_window_flushes_complete_buckets_acks_and_exits_0() {
     wagg.wait_received(confirmed.len()).await;
     let status = wagg.terminate();
     assert!(status.success(), "{status}; log:\n{}", wagg.log_text());
+    assert!(
+        wagg.log_text()
+            .contains("Stopped. Complete buckets are written"),
+        "the stop says what it kept; log:\n{}",
+        wagg.log_text()
+    );
     assert_eq!(ready(&names.queue()).await, 0, "everything acked");
     let want = expected(&confirmed, WIDTH);
     let complete: Totals = want
@@ -668,13 +677,38 @@ async fn sigterm_mid_window_flushes_complete_buckets_acks_and_exits_0() {
         cp.pending.len()
     );
 
-    // The next start resumes the open buckets; its idle flush closes them.
-    let mut wagg = Wagg::start(dir.path(), &amqp, &vm.opentsdb_url(), 1);
+    // The next start resumes the open buckets (no idle flush); `wagg
+    // flush` writes them, and the stop after it has nothing left to keep.
+    let mut wagg = Wagg::start(dir.path(), &amqp, &vm.opentsdb_url(), 0);
+    let admin = format!("http://{}", wagg.admin);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        wagg.assert_running();
+        let flushed = Command::new(wagg_bin())
+            .args(["flush", "--admin", &admin, "--token", ADMIN_TOKEN])
+            .output()
+            .unwrap();
+        if flushed.status.success() {
+            break;
+        }
+        // Until the host has started its controller.
+        assert!(
+            Instant::now() < deadline,
+            "wagg flush: {}",
+            String::from_utf8_lossy(&flushed.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (got, rewrites) = wait_for(&vm, &want).await;
     let status = wagg.terminate();
     compare(&got, &want);
     assert_eq!(rewrites, 0, "a complete bucket was written again");
     assert!(status.success(), "{status}; log:\n{}", wagg.log_text());
+    assert!(
+        wagg.log_text().contains("Stopped. Every bucket is written"),
+        "log:\n{}",
+        wagg.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

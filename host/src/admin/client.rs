@@ -228,6 +228,24 @@ impl AdminClient {
         self.send(url, request).await
     }
 
+    /// Has the host write every open bucket now; returns its flushed
+    /// watermark (Unix seconds).
+    ///
+    /// # Errors
+    ///
+    /// A [`ClientError`].
+    pub async fn flush(&self) -> Result<u64, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            flushed_watermark: u64,
+        }
+        let url = self.url(&["flush"]);
+        let answer: Answer = self
+            .send(url.clone(), self.request(Method::POST, url))
+            .await?;
+        Ok(answer.flushed_watermark)
+    }
+
     /// Makes the candidate the incumbent on every shard.
     ///
     /// # Errors

@@ -375,6 +375,19 @@ impl Controller {
         Ok(view(&state))
     }
 
+    /// Flushes every open bucket of the running pipeline; returns the
+    /// flushed watermark.
+    ///
+    /// # Errors
+    ///
+    /// [`AdminError::NotRunning`].
+    pub async fn flush_open(&self) -> Result<u64, AdminError> {
+        self.control
+            .flush_open()
+            .await
+            .map_err(|_| AdminError::NotRunning)
+    }
+
     /// Makes the candidate the incumbent on every shard.
     ///
     /// # Errors

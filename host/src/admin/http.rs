@@ -327,6 +327,7 @@ pub fn router(state: AdminState) -> Router {
             axum::routing::put(start_shadow).delete(stop_shadow),
         )
         .route("/ab", get(ab_report))
+        .route("/flush", post(flush_open))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
@@ -655,6 +656,14 @@ async fn set_rollout(
     let candidate = req.candidate;
     let view = run_change(async move { controller.set_rollout(&candidate, weight).await }).await?;
     Ok(Json(view))
+}
+
+/// `POST /flush`: every open bucket written now; answers the flushed
+/// watermark.
+async fn flush_open(State(state): State<AdminState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let controller = state.controller_for_change()?;
+    let watermark = run_change(async move { controller.flush_open().await }).await?;
+    Ok(Json(serde_json::json!({ "flushed_watermark": watermark })))
 }
 
 async fn promote(State(state): State<AdminState>) -> Result<Json<RolloutView>, ApiError> {

@@ -9,6 +9,7 @@ use wagg::admin::Registry;
 use wagg::admin::controller::{self, Controller};
 use wagg::admin::http::{self as admin_http, AdminState};
 use wagg::config::Config;
+use wagg::pipeline::data_dir::DataDir;
 use wagg::pipeline::{self, Drain, Parts, PipelineControl, PipelineCounters};
 use wagg::runtime::{self, Runtime};
 use wagg::shard::Assignment;
@@ -73,6 +74,15 @@ pub(crate) async fn run_pipeline(cfg: Config) -> anyhow::Result<()> {
         }
     });
     let data_dir = cfg.pipeline.data_dir.clone();
+    // Held until this function returns: no second host on this directory.
+    let taken = DataDir::take(&data_dir)?;
+    for (path, bytes) in &taken.removed {
+        tracing::warn!(
+            path = %path.display(),
+            bytes,
+            "Removed a temporary file a killed wagg left half-written."
+        );
+    }
     let sink = Sink::from_config(&cfg.sink).context("cannot set up the sink")?;
     let runtime = Runtime::new(cfg.runtime.clone(), Some(&data_dir.join("compiled")))?;
     let (registry, incumbent, fallback) = {
@@ -134,6 +144,7 @@ pub(crate) async fn run_pipeline(cfg: Config) -> anyhow::Result<()> {
     let _ = stop_admin.send(());
     let served = server.await.context("the admin API task failed")?;
     drop(controller);
+    drop(taken);
     result?;
     served.context("the admin API failed")?;
     Ok(())

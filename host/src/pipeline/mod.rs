@@ -28,6 +28,7 @@
 //! never holds more than that bound plus the buckets one flush closes.
 
 pub mod checkpoint;
+pub mod data_dir;
 pub mod dedup;
 pub mod event_time;
 
@@ -51,8 +52,8 @@ use crate::source::amqp::{Delivery, DeliveryTag, SourceError};
 use crate::source::json::Decoder;
 use crate::telemetry::{
     CheckpointWritten, DeliveriesAcked, DuplicateRecognised, MessageDeadLettered, MessageDecoded,
-    MessageReceived, Metrics, PointsRefused, PointsWritten, SamplesLate, SamplesRouted,
-    SinkWriteFailed, SourceOperationFailed, WatermarkAdvanced, WatermarkRestored,
+    MessageReceived, Metrics, PipelineStopped, PointsRefused, PointsWritten, SamplesLate,
+    SamplesRouted, SinkWriteFailed, SourceOperationFailed, WatermarkAdvanced, WatermarkRestored,
 };
 use checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Pending, Rows, VERSION};
 
@@ -201,6 +202,13 @@ pub enum ControlCmd {
         /// The reports.
         reply: oneshot::Sender<Vec<ShadowReport>>,
     },
+    /// Flush every open bucket now: the operator says the stream is over
+    /// (before a stop for good, at the end of a replay). A sample that
+    /// arrives later for one of them is late.
+    FlushOpen {
+        /// The flushed watermark afterwards, Unix seconds.
+        reply: oneshot::Sender<u64>,
+    },
 }
 
 /// The admin side's handle on a running pipeline.
@@ -282,6 +290,21 @@ impl PipelineControl {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(ControlCmd::ShadowReports { reply })
+            .await
+            .map_err(|_| NotRunning)?;
+        rx.await.map_err(|_| NotRunning)
+    }
+
+    /// Flushes every open bucket (see [`ControlCmd::FlushOpen`]); returns
+    /// the flushed watermark.
+    ///
+    /// # Errors
+    ///
+    /// If the pipeline stopped.
+    pub async fn flush_open(&self) -> Result<u64, NotRunning> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(ControlCmd::FlushOpen { reply })
             .await
             .map_err(|_| NotRunning)?;
         rx.await.map_err(|_| NotRunning)
@@ -421,6 +444,8 @@ struct Coordinator<S: Source> {
     /// Each source's latest event time: the watermark's low mark.
     sources: event_time::Sources,
     late_log: event_time::LateLog,
+    /// Open rows in the last checkpoint written.
+    checkpointed_rows: usize,
 }
 
 /// Runs the pipeline until `shutdown` resolves or the source ends, then
@@ -494,6 +519,7 @@ pub async fn run<S: Source>(
             event_time::MAX_SOURCES,
         ),
         late_log: event_time::LateLog::new(Duration::from_secs(10)),
+        checkpointed_rows: 0,
         unacked: 0,
         parts,
     };
@@ -526,6 +552,14 @@ pub async fn run<S: Source>(
     let _ = sink_task.await;
     for shard in co.shards.drain(..) {
         shard.stop();
+    }
+    if result.is_ok() {
+        PipelineStopped {
+            open_rows: co.checkpointed_rows,
+            pending_points: outbox.pending_points(),
+            watermark: co.flushed_watermark,
+        }
+        .emit();
     }
     result
 }
@@ -793,6 +827,18 @@ impl<S: Source> Coordinator<S> {
                     let _ = reply.send(reports);
                 });
             }
+            ControlCmd::FlushOpen { reply } => {
+                let width = u64::from(self.parts.config.bucket_seconds);
+                if self.open_data {
+                    let end = self.max_event_time - self.max_event_time % width + width;
+                    self.flush_to(end).await?;
+                }
+                tracing::info!(
+                    watermark = self.flushed_watermark,
+                    "Flushed every open bucket, as the operator asked."
+                );
+                let _ = reply.send(self.flushed_watermark);
+            }
             ControlCmd::Stats { reply } => {
                 let mut pending = Vec::with_capacity(self.shards.len());
                 for shard in &self.shards {
@@ -1028,6 +1074,7 @@ impl<S: Source> Coordinator<S> {
             recent_messages: self.dedup.unconfirmed(),
         };
         let (rows, pending_points) = (cp.rows.len(), cp.pending.len());
+        self.checkpointed_rows = rows;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.save(&cp))
             .await

@@ -156,6 +156,24 @@ pub enum SinkConfig {
     File(FileSinkConfig),
 }
 
+impl SinkConfig {
+    /// Checks what the sink would refuse at start, without opening
+    /// anything (`wagg config check`).
+    ///
+    /// # Errors
+    ///
+    /// [`SinkError::Config`] naming the problem.
+    pub fn validate(&self) -> Result<(), SinkError> {
+        match self {
+            SinkConfig::OpenTsdb(c) => c.validate(),
+            SinkConfig::File(c) if c.path.as_os_str().is_empty() => {
+                Err(SinkError::Config("file sink path is empty".into()))
+            }
+            SinkConfig::File(_) => Ok(()),
+        }
+    }
+}
+
 /// A configured sink.
 #[derive(Debug)]
 pub enum Sink {

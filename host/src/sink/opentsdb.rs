@@ -119,6 +119,45 @@ impl OpenTsdbConfig {
             requests_in_flight: default_requests_in_flight(),
         }
     }
+
+    /// Checks what `wagg config check` and the sink's start both refuse.
+    ///
+    /// # Errors
+    ///
+    /// [`SinkError::Config`] for a URL that is not `http://host[:port][/path]`
+    /// or a zero `batch_size`, `timeout_ms` or `requests_in_flight`.
+    pub fn validate(&self) -> Result<(), SinkError> {
+        let url = reqwest::Url::parse(&self.url)
+            .map_err(|e| SinkError::Config(format!("opentsdb url {:?}: {e}", self.url)))?;
+        if url.scheme() != "http" {
+            return Err(SinkError::Config(format!(
+                "opentsdb url {:?}: only http:// is supported (this build has no TLS)",
+                self.url
+            )));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(SinkError::Config(format!(
+                "opentsdb url {:?}: give the base URL, without query or fragment",
+                self.url
+            )));
+        }
+        if self.batch_size == 0 {
+            return Err(SinkError::Config(
+                "opentsdb batch_size must be at least 1".into(),
+            ));
+        }
+        if self.timeout_ms == 0 {
+            return Err(SinkError::Config(
+                "opentsdb timeout_ms must be at least 1".into(),
+            ));
+        }
+        if self.requests_in_flight == 0 {
+            return Err(SinkError::Config(
+                "opentsdb requests_in_flight must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The cap of the backoff before retry `attempt` (0 for the first retry):
@@ -191,35 +230,7 @@ impl OpenTsdbSink {
     /// or a zero `batch_size` or `timeout_ms`; [`SinkError::Client`] if the
     /// client cannot be built.
     pub fn new(cfg: OpenTsdbConfig) -> Result<OpenTsdbSink, SinkError> {
-        let url = reqwest::Url::parse(&cfg.url)
-            .map_err(|e| SinkError::Config(format!("opentsdb url {:?}: {e}", cfg.url)))?;
-        if url.scheme() != "http" {
-            return Err(SinkError::Config(format!(
-                "opentsdb url {:?}: only http:// is supported (this build has no TLS)",
-                cfg.url
-            )));
-        }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(SinkError::Config(format!(
-                "opentsdb url {:?}: give the base URL, without query or fragment",
-                cfg.url
-            )));
-        }
-        if cfg.batch_size == 0 {
-            return Err(SinkError::Config(
-                "opentsdb batch_size must be at least 1".into(),
-            ));
-        }
-        if cfg.timeout_ms == 0 {
-            return Err(SinkError::Config(
-                "opentsdb timeout_ms must be at least 1".into(),
-            ));
-        }
-        if cfg.requests_in_flight == 0 {
-            return Err(SinkError::Config(
-                "opentsdb requests_in_flight must be at least 1".into(),
-            ));
-        }
+        cfg.validate()?;
         let endpoint = format!("{}/api/put?details", cfg.url.trim_end_matches('/'));
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))

@@ -233,6 +233,41 @@ impl LateSamplesSummary<'_> {
     }
 }
 
+/// The pipeline stopped cleanly: what it wrote and what waits in the
+/// checkpoint for the next start.
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineStopped {
+    /// Open (series, bucket) rows in the last checkpoint.
+    pub open_rows: usize,
+    /// Flushed points the sink had not confirmed by the shutdown timeout.
+    pub pending_points: usize,
+    /// The flushed watermark, Unix seconds.
+    pub watermark: u64,
+}
+
+impl PipelineStopped {
+    /// INFO, "Stopped." and what stays for the next start.
+    pub fn emit(&self) {
+        if self.open_rows == 0 && self.pending_points == 0 {
+            tracing::info!(
+                watermark = self.watermark,
+                "Stopped. Every bucket is written and every message acknowledged."
+            );
+        } else {
+            tracing::info!(
+                open_rows = self.open_rows,
+                pending_points = self.pending_points,
+                watermark = self.watermark,
+                "Stopped. Complete buckets are written and every message taken is acknowledged; \
+                 {} rows of open buckets and {} unwritten points are in the checkpoint, and the \
+                 next start writes them (`wagg flush` before a stop writes open buckets now).",
+                self.open_rows,
+                self.pending_points
+            );
+        }
+    }
+}
+
 /// The flushed watermark read from the checkpoint at start.
 #[derive(Debug, Clone, Copy)]
 pub struct WatermarkRestored {
