@@ -674,3 +674,64 @@ async fn hostile_messages_are_dead_lettered_with_their_reason_and_valid_totals_s
         want_dead.len()
     );
 }
+
+/// Tag values were sanitised byte by byte: `ünï.example` and `änï.example`
+/// both became `__n__.example`, one series in the TSDB for two names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unicode_tag_values_were_mangled_byte_by_byte_into_one_series() {
+    wagg_tests::require_rabbitmq();
+    let vm = VictoriaMetrics::start().await;
+    let names = Names::new("unicode");
+    let _cleanup = names.cleanup(&[]);
+    let data = tempfile::tempdir().unwrap();
+    let running = Running::start(Setup {
+        amqp: names.config(),
+        sink_url: vm.opentsdb_url(),
+        data_dir: data.path(),
+        shards: 2,
+        incumbent: "hashmap",
+        limits: RuntimeLimits::default(),
+        admin: wagg::admin::AdminConfig::default(),
+    })
+    .await;
+    let zones = ["ünï.example", "änï.example", "例え.jp", "plain.example"];
+    let bodies: Vec<Vec<u8>> = (0..40u64)
+        .map(|i| {
+            let zone = zones[i as usize % zones.len()];
+            format!(
+                r#"{{"pop":"zürich","host":"h","time":{},"metrics":[{{"customer":{},"zone":"{zone}","record":"www.{zone}","type":"A","count":{}}}]}}"#,
+                T0 + i,
+                i % 3,
+                i + 1
+            )
+            .into_bytes()
+        })
+        .collect();
+    let publisher = AmqpPublisher::connect(&names.config().uri, &names.exchange())
+        .await
+        .unwrap();
+    publisher
+        .publish_many(
+            bodies
+                .iter()
+                .map(|b| (KEY.to_string(), b.clone()))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    publisher.close().await.unwrap();
+    let want = expected(&bodies, WIDTH);
+    running.wait_points(want.len()).await;
+    running.stop().await;
+    let got = read_back(&vm).await;
+    compare(&got, &want);
+    let zones_read: std::collections::BTreeSet<String> = got
+        .keys()
+        .filter_map(|(tags, _)| tags.get("zone").cloned())
+        .collect();
+    assert_eq!(
+        zones_read,
+        zones.iter().map(|z| (*z).to_string()).collect(),
+        "each name its own series, spelled as sent"
+    );
+}

@@ -2,8 +2,9 @@
 //! and read back.
 //!
 //! A key is the rollup's index byte followed by each tag value and a `0`
-//! byte. Values are written already sanitised for OpenTSDB (letters, digits,
-//! `-_./`; anything else becomes `_`), so two values that would be the same
+//! byte. Values are written already sanitised for OpenTSDB (ASCII letters
+//! and digits, `-_./`, and the non-ASCII letters it accepts, see
+//! [`tsdb_letter`]; any other character becomes one `_`), so two values that would be the same
 //! tag in the TSDB are one series here too: sanitising at flush time instead
 //! would write two series to one point, and OpenTSDB keeps only the last.
 //!
@@ -28,6 +29,17 @@ use crate::source::json::Metric;
 #[inline]
 pub(crate) fn tsdb_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/')
+}
+
+/// Whether OpenTSDB accepts the non-ASCII `c` in a tag: it accepts what
+/// Java's `Character.isLetter` calls a letter, tested per UTF-16 unit, so
+/// only letters of the Basic Multilingual Plane. Letters are approximated
+/// by XID_Start and Alphabetic together, which leaves out the combining
+/// marks Alphabetic alone would let in (a refused point would be counted by
+/// the sink, not lost silently, if a rare letter number slipped through).
+#[inline]
+pub(crate) fn tsdb_letter(c: char) -> bool {
+    u32::from(c) <= 0xFFFF && c.is_alphabetic() && unicode_ident::is_xid_start(c)
 }
 
 /// Hash of a shard key or series key. XXH3: fast on short keys, and
@@ -383,7 +395,23 @@ impl KeyBatch {
 }
 
 fn push_sanitized(out: &mut Vec<u8>, value: &str) {
-    out.extend(value.bytes().map(|b| if tsdb_char(b) { b } else { b'_' }));
+    if value.is_ascii() {
+        out.extend(value.bytes().map(|b| if tsdb_char(b) { b } else { b'_' }));
+        return;
+    }
+    // Per character, not per byte: `ü` is a letter kept whole, and `€` one
+    // `_`, not three.
+    let mut buf = [0u8; 4];
+    for c in value.chars() {
+        if c.is_ascii() {
+            let b = c as u8;
+            out.push(if tsdb_char(b) { b } else { b'_' });
+        } else if tsdb_letter(c) {
+            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+        } else {
+            out.push(b'_');
+        }
+    }
 }
 
 fn push_decimal(out: &mut Vec<u8>, mut v: u64) {
@@ -475,6 +503,47 @@ mod tests {
         assert_eq!(
             batch.key(&s),
             encode_key(2, key.values.iter().map(|v| v.as_ref()))
+        );
+    }
+
+    #[test]
+    fn unicode_tag_values_were_mangled_byte_by_byte() {
+        let sanitized = |v: &str| {
+            let mut out = Vec::new();
+            push_sanitized(&mut out, v);
+            String::from_utf8(out).unwrap()
+        };
+        // Letters OpenTSDB accepts stay whole; two names no longer collide.
+        assert_eq!(sanitized("ünï.example"), "ünï.example");
+        assert_eq!(sanitized("例え.jp"), "例え.jp");
+        assert_ne!(sanitized("ünï.example"), sanitized("änï.example"));
+        // Anything else is one `_` per character, not per byte.
+        assert_eq!(sanitized("a€b c"), "a_b_c");
+        // Outside the BMP (a UTF-16 surrogate pair to Java), a combining
+        // mark, a digit of another script: not letters to OpenTSDB.
+        assert_eq!(sanitized("x\u{1D49C}y"), "x_y");
+        assert_eq!(sanitized("e\u{0301}"), "e_");
+        assert_eq!(sanitized("\u{0663}"), "_");
+        assert_eq!(
+            hash_sanitized("ünï.example"),
+            hash_bytes("ünï.example".as_bytes())
+        );
+        // The key of such a value reads back as the same text.
+        let config = RouterConfig::default();
+        let metric = Metric {
+            customer: 7,
+            zone: Cow::Borrowed("ünï.example"),
+            record: Cow::Borrowed("wüw.ünï.example"),
+            rtype: Cow::Borrowed("A"),
+            count: 1.0,
+        };
+        let mut batch = KeyBatch::default();
+        batch.push_key(2, &config.rollups[2].tags, "lga", "h1", &metric, 60);
+        let s = batch.samples()[0];
+        let key = SeriesKey::parse(batch.key(&s)).unwrap();
+        assert_eq!(
+            key.values,
+            vec!["7", "ünï.example", "wüw.ünï.example", "A", "lga"]
         );
     }
 

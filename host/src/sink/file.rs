@@ -22,6 +22,11 @@ pub struct FileSinkConfig {
     pub path: PathBuf,
 }
 
+/// Points encoded and written at a time: a flush of millions of points is
+/// streamed through a buffer of about this many lines (~200 bytes each),
+/// not built whole in memory.
+const CHUNK_POINTS: usize = 4096;
+
 /// Appends points to a file as JSON lines; each write is on disk
 /// (`fdatasync`) before it returns. Concurrent writes are serialized, so
 /// lines never interleave.
@@ -29,6 +34,8 @@ pub struct FileSinkConfig {
 pub struct FileSink {
     path: PathBuf,
     file: Arc<Mutex<File>>,
+    /// Held for a whole write: its chunks go to the file in one piece.
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl FileSink {
@@ -50,6 +57,7 @@ impl FileSink {
         Ok(FileSink {
             path: cfg.path,
             file: Arc::new(Mutex::new(file)),
+            writing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -59,37 +67,55 @@ impl FileSink {
     }
 
     /// Appends `points` (those [`Point::invalid_reason`] passes; the others
-    /// are refused) and syncs the file's data to disk, on a blocking thread.
+    /// are refused) and syncs the file's data to disk, on blocking threads,
+    /// [`CHUNK_POINTS`] lines at a time.
     ///
     /// # Errors
     ///
-    /// [`SinkError::Io`] if the write or the sync fails (some lines may have
-    /// been written), [`SinkError::Task`] if the blocking task panicked.
+    /// [`SinkError::Io`] if a write or the sync fails (some lines may have
+    /// been written), [`SinkError::Task`] if a blocking task panicked.
     pub async fn write(&self, points: &[Point]) -> Result<WriteReport, SinkError> {
+        let _writing = self.writing.lock().await;
         let mut report = WriteReport::default();
         let mut lines = Vec::new();
-        if points.iter().all(|p| p.invalid_reason().is_none()) {
-            encode_json_lines(points, &mut lines);
-            report.written = points.len();
-        } else {
-            for p in points {
-                match p.invalid_reason() {
-                    Some(reason) => report.refused.push((p.clone(), reason.to_owned())),
-                    None => {
-                        encode_json_lines(std::slice::from_ref(p), &mut lines);
-                        report.written += 1;
+        for chunk in points.chunks(CHUNK_POINTS) {
+            lines.clear();
+            if chunk.iter().all(|p| p.invalid_reason().is_none()) {
+                encode_json_lines(chunk, &mut lines);
+                report.written += chunk.len();
+            } else {
+                for p in chunk {
+                    match p.invalid_reason() {
+                        Some(reason) => report.refused.push((p.clone(), reason.to_owned())),
+                        None => {
+                            encode_json_lines(std::slice::from_ref(p), &mut lines);
+                            report.written += 1;
+                        }
                     }
                 }
             }
+            if !lines.is_empty() {
+                lines = self.blocking(lines, false).await?;
+            }
+        }
+        if let Some((_, first_reason)) = report.refused.first() {
             warn!(
                 refused = report.refused.len(),
-                first_reason = %report.refused[0].1,
+                first_reason = %first_reason,
                 "Points were refused; they are dropped."
             );
         }
-        if lines.is_empty() {
+        if report.written == 0 {
             return Ok(report);
         }
+        self.blocking(Vec::new(), true).await?;
+        debug!(points = report.written, path = %self.path.display(), "Appended points to file.");
+        Ok(report)
+    }
+
+    /// Appends `bytes` (and with `sync`, flushes and syncs the data) on a
+    /// blocking thread; returns the buffer for the next chunk.
+    async fn blocking(&self, bytes: Vec<u8>, sync: bool) -> Result<Vec<u8>, SinkError> {
         let file = self.file.clone();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
@@ -104,14 +130,15 @@ impl FileSink {
                     source,
                 }
             };
-            file.write_all(&lines).map_err(io("cannot append to"))?;
-            file.flush().map_err(io("cannot flush"))?;
-            file.sync_data().map_err(io("cannot sync"))
+            file.write_all(&bytes).map_err(io("cannot append to"))?;
+            if sync {
+                file.flush().map_err(io("cannot flush"))?;
+                file.sync_data().map_err(io("cannot sync"))?;
+            }
+            Ok(bytes)
         })
         .await
-        .map_err(SinkError::Task)??;
-        debug!(points = report.written, path = %self.path.display(), "Appended points to file.");
-        Ok(report)
+        .map_err(SinkError::Task)?
     }
 }
 
@@ -147,6 +174,28 @@ mod tests {
             .chain([bad[1].clone()])
             .collect();
         assert_eq!(back, expected);
+    }
+
+    #[tokio::test]
+    async fn a_flush_larger_than_a_chunk_is_written_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("points.jsonl");
+        let sink = FileSink::open(FileSinkConfig { path: path.clone() }).unwrap();
+        let n = CHUNK_POINTS * 2 + 7;
+        let mut points: Vec<Point> = (0..n)
+            .map(|i| point("m", i as u64, i as f64, &[("i", &i.to_string())]))
+            .collect();
+        // One refused point in the second chunk.
+        points[CHUNK_POINTS + 3] = point("", 1, 0.0, &[]);
+        let report = sink.write(&points).await.unwrap();
+        assert_eq!((report.written, report.refused.len()), (n - 1, 1));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let back: Vec<Point> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        points.remove(CHUNK_POINTS + 3);
+        assert_eq!(back, points);
     }
 
     #[test]
