@@ -97,6 +97,22 @@ async fn one_clock_a_day_ahead_made_every_later_sample_late() {
         1,
         "the day-ahead one dead-lettered"
     );
+
+    // After a restart the watermark reads what the checkpoint holds (it
+    // read 0 until the first flush), and it is the honest sources' time.
+    let flushed = metric(&text, "wagg_flushed_watermark_seconds", &[]);
+    assert!(
+        flushed > t0 as f64 && flushed < wall_now() as f64,
+        "{flushed}"
+    );
+    let again = start(&names, &vm, data.path()).await;
+    let restored = metric(
+        &again.metrics.render(),
+        "wagg_flushed_watermark_seconds",
+        &[],
+    );
+    again.stop().await;
+    assert_eq!(restored, flushed);
 }
 
 /// Ten honest sources in step, one an hour ahead (past `max_future_secs`:

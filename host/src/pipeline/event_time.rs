@@ -265,6 +265,22 @@ mod tests {
     }
 
     #[test]
+    fn late_samples_are_summed_between_log_lines() {
+        let t = Instant::now();
+        let mut log = LateLog::new(Duration::from_secs(10));
+        log.add(3, 40, "lga", "h1", t);
+        // Logged at once, then summed until ten seconds have passed.
+        assert_eq!((log.messages, log.samples), (0, 0));
+        log.add(3, 90, "ams", "h2", t + Duration::from_secs(1));
+        log.add(6, 20, "lga", "h1", t + Duration::from_secs(2));
+        log.maybe_log(t + Duration::from_secs(9));
+        assert_eq!((log.messages, log.samples), (2, 9));
+        assert_eq!((log.worst_secs, log.worst_source.as_str()), (90, "ams/h2"));
+        log.maybe_log(t + Duration::from_secs(10));
+        assert_eq!((log.messages, log.samples, log.worst_secs), (0, 0, 0));
+    }
+
+    #[test]
     fn pop_and_host_do_not_run_together() {
         assert_ne!(source_id("ab", "c"), source_id("a", "bc"));
     }
