@@ -288,7 +288,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             let watermark = tokio_runtime()?
                 .block_on(client.flush())
                 .context("the open buckets were not flushed")?;
-            println!("flushed every open bucket: watermark {watermark}");
+            println!(
+                "every open bucket flushed to the sink's queue (watermark {watermark}); a stop now writes what the sink has not confirmed at the next start"
+            );
             Ok(())
         }
         Command::Promote { admin } => {

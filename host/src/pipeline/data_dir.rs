@@ -75,7 +75,7 @@ impl DataDir {
             Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
         }
         let mut removed = Vec::new();
-        remove_temporaries(path, 2, &mut removed).map_err(io(path))?;
+        remove_temporaries(path, &mut removed).map_err(io(path))?;
         Ok(DataDir {
             _lock: lock,
             removed,
@@ -90,18 +90,31 @@ fn is_temporary(name: &str) -> bool {
     })
 }
 
-fn remove_temporaries(
-    dir: &Path,
-    depth: u32,
-    removed: &mut Vec<(PathBuf, u64)>,
-) -> std::io::Result<()> {
+/// The subdirectories wagg writes atomically into (compiled modules, the
+/// module registry); nothing else under the data directory is touched, so
+/// a data directory shared with other programs loses none of their files.
+const OWN_SUBDIRS: [&str; 2] = ["compiled", "modules"];
+
+fn remove_temporaries(dir: &Path, removed: &mut Vec<(PathBuf, u64)>) -> std::io::Result<()> {
+    remove_in(dir, removed)?;
+    for sub in OWN_SUBDIRS {
+        match remove_in(&dir.join(sub), removed) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => tracing::warn!(
+                dir = %dir.join(sub).display(),
+                error = %e,
+                "Could not look for stale temporary files."
+            ),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn remove_in(dir: &Path, removed: &mut Vec<(PathBuf, u64)>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        let kind = entry.file_type()?;
-        let path = entry.path();
-        if kind.is_dir() && depth > 1 {
-            remove_temporaries(&path, depth - 1, removed)?;
-        } else if kind.is_file() && entry.file_name().to_str().is_some_and(is_temporary) {
+        if entry.file_type()?.is_file() && entry.file_name().to_str().is_some_and(is_temporary) {
+            let path = entry.path();
             let bytes = entry.metadata().map_or(0, |m| m.len());
             std::fs::remove_file(&path)?;
             removed.push((path, bytes));
@@ -127,6 +140,8 @@ mod tests {
             std::fs::write(data.join(name), b"x").unwrap();
         }
         std::fs::write(data.join("notes.tmp"), b"kept").unwrap();
+        std::fs::create_dir_all(data.join("other")).unwrap();
+        std::fs::write(data.join("other/theirs.tmp9"), b"kept").unwrap();
         let taken = DataDir::take(&data).unwrap();
         let mut removed: Vec<_> = taken.removed.iter().map(|(p, _)| p.clone()).collect();
         removed.sort();
@@ -139,6 +154,10 @@ mod tests {
         );
         assert!(data.join("checkpoint.bin").exists());
         assert!(data.join("notes.tmp").exists());
+        assert!(
+            data.join("other/theirs.tmp9").exists(),
+            "not wagg's directory"
+        );
     }
 
     #[test]

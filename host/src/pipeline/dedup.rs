@@ -12,10 +12,12 @@
 //!
 //! - A delivery the broker does not flag `redelivered` is never a
 //!   duplicate: the broker has not handed it to anyone before.
-//! - A message's identity is its publisher's `message_id` where it has one
-//!   ([`identity`]), else a hash of its body. With `message_id`s unique per
-//!   message (wagg's own publishers set them), a redelivery and a second,
-//!   byte-identical message are told apart exactly.
+//! - A message's identity is its publisher's `message_id` together with
+//!   its body where it has one ([`identity`]), else its body alone. With
+//!   `message_id`s unique per message (wagg's own publishers set them), a
+//!   redelivery and a second, byte-identical message are told apart
+//!   exactly; a publisher that reuses one id for different bodies loses
+//!   nothing by it.
 //! - Without a `message_id`, two byte-identical messages are one identity.
 //!   A redelivered body is taken for the redelivery of an identical one that
 //!   the checkpoint holds as counted but not confirmed acked. That is wrong
@@ -39,11 +41,18 @@ use crate::source::amqp::{Delivery, DeliveryTag};
 /// a body that happens to be the same bytes.
 const MESSAGE_ID_SEED: u64 = 0x6d65_7373_6167_6569;
 
-/// What recognises a delivery: its `message_id` if the publisher set one,
-/// else its body (see the module docs).
+/// What recognises a delivery: its `message_id` and body if the publisher
+/// set an id, else its body (see the module docs).
 pub fn identity(d: &Delivery) -> u64 {
     match d.message_id() {
-        Some(id) => xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), MESSAGE_ID_SEED),
+        Some(id) => {
+            let mut h = xxhash_rust::xxh3::Xxh3::with_seed(MESSAGE_ID_SEED);
+            // The id's length first: `ab` + `c…` and `a` + `bc…` differ.
+            h.update(&(id.len() as u64).to_le_bytes());
+            h.update(id.as_bytes());
+            h.update(&d.body);
+            h.digest()
+        }
         None => xxhash_rust::xxh3::xxh3_64(&d.body),
     }
 }
@@ -178,6 +187,10 @@ mod tests {
         assert_eq!(with_id(""), bare);
         // An id that is the body's bytes is still not the body.
         assert_ne!(with_id(r#"{"pop":"p"}"#), bare);
+        // One id reused for another body is another message.
+        let mut other = Delivery::bare(b"{}".to_vec(), true, tag(1, 1));
+        other.properties = other.properties.with_message_id("a-1".into());
+        assert_ne!(identity(&other), with_id("a-1"));
     }
 
     #[test]

@@ -83,6 +83,10 @@ pub struct Sources {
     by_id: HashMap<u64, SourceTime>,
     idle_after: Duration,
     max_sources: usize,
+    /// When idle sources were last swept out of a full map: at most once
+    /// a second, so a publisher inventing a host per message costs a scan
+    /// a second, not one a message.
+    swept: Option<Instant>,
 }
 
 /// A source's identity: a hash of its `pop` and `host`, so that a message's
@@ -104,6 +108,7 @@ impl Sources {
             by_id: HashMap::new(),
             idle_after,
             max_sources,
+            swept: None,
         }
     }
 
@@ -116,6 +121,13 @@ impl Sources {
             return;
         }
         if self.by_id.len() >= self.max_sources {
+            if self
+                .swept
+                .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1))
+            {
+                return;
+            }
+            self.swept = Some(now);
             let idle_after = self.idle_after;
             self.by_id
                 .retain(|_, s| now.saturating_duration_since(s.seen) < idle_after);

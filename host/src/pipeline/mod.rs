@@ -914,6 +914,9 @@ impl<S: Source> Coordinator<S> {
                 &msg.host,
                 now,
             );
+            // Still a source that is sending: it holds the watermark back
+            // from here on.
+            self.sources.observe(&msg.pop, &msg.host, msg.time, now);
         } else {
             self.router.route(&msg, &mut self.batches);
             SamplesRouted { samples }.emit(&self.metrics, &self.counters);
@@ -961,11 +964,17 @@ impl<S: Source> Coordinator<S> {
     }
 
     /// The latest event time every active source has reached (see
-    /// `event_time`); with none active, the latest of all.
+    /// `event_time`), which the watermark may follow; `flushed_watermark`
+    /// (no advance) while no source is active: only `idle_flush_secs`
+    /// flushes a stream that went quiet. With `source_idle_secs = 0`, the
+    /// latest of all.
     fn low_event_time(&self, now: Instant) -> u64 {
+        if self.parts.config.source_idle_secs == 0 {
+            return self.max_event_time;
+        }
         self.sources
             .low(now)
-            .map_or(self.max_event_time, |(t, _)| t)
+            .map_or(self.flushed_watermark, |(t, _)| t)
     }
 
     async fn send_batch(&mut self, i: usize) -> Result<(), PipelineError> {
@@ -1074,11 +1083,11 @@ impl<S: Source> Coordinator<S> {
             recent_messages: self.dedup.unconfirmed(),
         };
         let (rows, pending_points) = (cp.rows.len(), cp.pending.len());
-        self.checkpointed_rows = rows;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.save(&cp))
             .await
             .map_err(|e| PipelineError::Config(format!("checkpoint writer panicked: {e}")))??;
+        self.checkpointed_rows = rows;
         // Each shard's snapshot is on disk now: the shards need not hold it.
         // Not waiting for room: a shard that misses this only keeps its
         // rows in memory until the next checkpoint, and the acks below

@@ -32,14 +32,27 @@ pub(crate) fn tsdb_char(b: u8) -> bool {
 }
 
 /// Whether OpenTSDB accepts the non-ASCII `c` in a tag: it accepts what
-/// Java's `Character.isLetter` calls a letter, tested per UTF-16 unit, so
-/// only letters of the Basic Multilingual Plane. Letters are approximated
-/// by XID_Start and Alphabetic together, which leaves out the combining
-/// marks Alphabetic alone would let in (a refused point would be counted by
-/// the sink, not lost silently, if a rare letter number slipped through).
+/// Java's `Character.isLetter` calls a letter (categories L*), tested per
+/// UTF-16 unit, so only letters of the Basic Multilingual Plane. XID_Start
+/// and Alphabetic together are the letters and the letter numbers (Nl),
+/// without the combining marks Alphabetic alone would let in; the BMP's
+/// letter numbers are left out by name.
 #[inline]
 pub(crate) fn tsdb_letter(c: char) -> bool {
-    u32::from(c) <= 0xFFFF && c.is_alphabetic() && unicode_ident::is_xid_start(c)
+    let u = u32::from(c);
+    u <= 0xFFFF
+        && c.is_alphabetic()
+        && unicode_ident::is_xid_start(c)
+        && !matches!(
+            u,
+            0x16EE..=0x16F0
+                | 0x2160..=0x2182
+                | 0x2185..=0x2188
+                | 0x3007
+                | 0x3021..=0x3029
+                | 0x3038..=0x303A
+                | 0xA6E6..=0xA6EF
+        )
 }
 
 /// Hash of a shard key or series key. XXH3: fast on short keys, and
@@ -524,6 +537,8 @@ mod tests {
         assert_eq!(sanitized("x\u{1D49C}y"), "x_y");
         assert_eq!(sanitized("e\u{0301}"), "e_");
         assert_eq!(sanitized("\u{0663}"), "_");
+        // Letter numbers are not letters to Java: 〇 (U+3007), Ⅻ.
+        assert_eq!(sanitized("〇Ⅻ"), "__");
         assert_eq!(
             hash_sanitized("ünï.example"),
             hash_bytes("ünï.example".as_bytes())

@@ -381,6 +381,39 @@ impl Delivery {
     }
 }
 
+/// The properties of a dead letter: the original's that describe the
+/// message, persistent, with `headers`. Not `user_id` (RabbitMQ refuses a
+/// publish whose `user_id` is not the publishing user's, which would stall
+/// every ack behind the dead letter), `expiration` (the dead letter would
+/// vanish from its queue) or routing-related ones (`reply_to`, `priority`).
+fn dead_letter_properties(original: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    let mut p = BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_headers(headers);
+    if let Some(v) = original.content_type() {
+        p = p.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        p = p.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        p = p.with_message_id(v.clone());
+    }
+    if let Some(v) = original.correlation_id() {
+        p = p.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        p = p.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        p = p.with_type(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        p = p.with_app_id(v.clone());
+    }
+    p
+}
+
 /// Identifies a delivery: the connection generation and the AMQP delivery tag
 /// on it. Orders by generation, then tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -960,11 +993,7 @@ impl AmqpAcker {
             "x-wagg-reason-code".into(),
             AMQPValue::LongString(code.into()),
         );
-        let properties = delivery
-            .properties
-            .clone()
-            .with_delivery_mode(PERSISTENT)
-            .with_headers(headers);
+        let properties = dead_letter_properties(&delivery.properties, headers);
         let channel = self.dead_letter_channel().await?;
         let pending = channel
             .basic_publish(
