@@ -684,16 +684,7 @@ async fn unicode_tag_values_were_mangled_byte_by_byte_into_one_series() {
     let names = Names::new("unicode");
     let _cleanup = names.cleanup(&[]);
     let data = tempfile::tempdir().unwrap();
-    let running = Running::start(Setup {
-        amqp: names.config(),
-        sink_url: vm.opentsdb_url(),
-        data_dir: data.path(),
-        shards: 2,
-        incumbent: "hashmap",
-        limits: RuntimeLimits::default(),
-        admin: wagg::admin::AdminConfig::default(),
-    })
-    .await;
+    let running = crate::harness::start_default(&names, &vm, data.path()).await;
     let zones = ["ünï.example", "änï.example", "例え.jp", "plain.example"];
     let bodies: Vec<Vec<u8>> = (0..40u64)
         .map(|i| {
@@ -707,19 +698,7 @@ async fn unicode_tag_values_were_mangled_byte_by_byte_into_one_series() {
             .into_bytes()
         })
         .collect();
-    let publisher = AmqpPublisher::connect(&names.config().uri, &names.exchange())
-        .await
-        .unwrap();
-    publisher
-        .publish_many(
-            bodies
-                .iter()
-                .map(|b| (KEY.to_string(), b.clone()))
-                .collect::<Vec<_>>(),
-        )
-        .await
-        .unwrap();
-    publisher.close().await.unwrap();
+    crate::harness::publish(&names, &bodies).await;
     let want = expected(&bodies, WIDTH);
     running.wait_points(want.len()).await;
     running.stop().await;

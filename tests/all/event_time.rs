@@ -6,39 +6,12 @@
 use std::sync::atomic::Ordering;
 
 use wagg::pipeline::event_time::wall_now;
-use wagg::runtime::RuntimeLimits;
-use wagg::source::amqp::AmqpPublisher;
 use wagg::source::generator::{Generator, GeneratorConfig};
 use wagg_tests::VictoriaMetrics;
 
-use crate::amqp::{KEY, Names, ready};
+use crate::amqp::{Names, ready};
 use crate::faults::metric;
-use crate::harness::{Running, Setup, WIDTH, compare, expected, read_back};
-
-async fn start(names: &Names, vm: &VictoriaMetrics, data: &std::path::Path) -> Running {
-    Running::start(Setup {
-        amqp: names.config(),
-        sink_url: vm.opentsdb_url(),
-        data_dir: data,
-        shards: 2,
-        incumbent: "hashmap",
-        limits: RuntimeLimits::default(),
-        admin: wagg::admin::AdminConfig::default(),
-    })
-    .await
-}
-
-async fn publish(names: &Names, bodies: &[Vec<u8>]) {
-    let publisher = AmqpPublisher::connect(&names.config().uri, &names.exchange())
-        .await
-        .unwrap();
-    let all: Vec<(String, Vec<u8>)> = bodies
-        .iter()
-        .map(|b| (KEY.to_string(), b.clone()))
-        .collect();
-    publisher.publish_many(all).await.unwrap();
-    publisher.close().await.unwrap();
-}
+use crate::harness::{WIDTH, compare, expected, publish, read_back, start_default as start};
 
 fn message(pop: &str, host: &str, time: u64, customer: u64, count: u32) -> Vec<u8> {
     format!(

@@ -502,15 +502,18 @@ impl Rng {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_random_moments_loses_and_double_counts_nothing() {
-    wagg_tests::require_rabbitmq();
-    // WAGG_CRASH_KILLS=20 for the figure; 5 keeps CI short.
-    let kills: u64 = std::env::var("WAGG_CRASH_KILLS")
+/// `name` from the environment as a number, else `default`.
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let seed = std::env::var("WAGG_CRASH_SEED")
+        .unwrap_or(default)
+}
+
+/// `WAGG_CRASH_SEED` if set (to replay a run), else one from the clock;
+/// odd, as the xorshift [`Rng`] needs a non-zero state.
+fn crash_seed() -> u64 {
+    std::env::var("WAGG_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| {
@@ -519,7 +522,15 @@ async fn sigkill_at_random_moments_loses_and_double_counts_nothing() {
                 .unwrap()
                 .as_nanos() as u64
                 | 1
-        });
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_and_double_counts_nothing() {
+    wagg_tests::require_rabbitmq();
+    // WAGG_CRASH_KILLS=20 for the figure; 5 keeps CI short.
+    let kills = env_u64("WAGG_CRASH_KILLS", 5);
+    let seed = crash_seed();
     eprintln!("crash test: {kills} kills, WAGG_CRASH_SEED={seed}");
     let mut rng = Rng(seed);
     let vm = VictoriaMetrics::start().await;
@@ -561,20 +572,8 @@ async fn sigkill_at_random_moments_loses_and_double_counts_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identical_message_after_an_acked_one_was_dropped_as_its_redelivery_after_a_kill() {
     wagg_tests::require_rabbitmq();
-    let cases: u64 = std::env::var("WAGG_TWIN_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
-    let seed = std::env::var("WAGG_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let cases = env_u64("WAGG_TWIN_CASES", 4);
+    let seed = crash_seed();
     eprintln!("twin test: {cases} cases, WAGG_CRASH_SEED={seed}");
     let mut rng = Rng(seed);
     let vm = VictoriaMetrics::start().await;

@@ -21,6 +21,9 @@ use wagg::source::amqp::{AmqpConfig, AmqpSource};
 use wagg::source::json::{JsonDecoder, Message};
 use wagg_tests::VictoriaMetrics;
 
+use crate::amqp::{KEY, Names};
+use wagg::source::amqp::AmqpPublisher;
+
 /// Bucket width of the harness's pipelines.
 pub(crate) const WIDTH: u32 = 60;
 
@@ -226,4 +229,36 @@ impl Running {
             task.await.unwrap().unwrap();
         }
     }
+}
+
+/// A harness pipeline on `names`' broker objects and `vm`, two shards of
+/// the built-in hashmap, default limits and admin.
+pub(crate) async fn start_default(
+    names: &Names,
+    vm: &VictoriaMetrics,
+    data: &std::path::Path,
+) -> Running {
+    Running::start(Setup {
+        amqp: names.config(),
+        sink_url: vm.opentsdb_url(),
+        data_dir: data,
+        shards: 2,
+        incumbent: "hashmap",
+        limits: RuntimeLimits::default(),
+        admin: wagg::admin::AdminConfig::default(),
+    })
+    .await
+}
+
+/// Publishes `bodies` with confirms, under the test routing key.
+pub(crate) async fn publish(names: &Names, bodies: &[Vec<u8>]) {
+    let publisher = AmqpPublisher::connect(&names.config().uri, &names.exchange())
+        .await
+        .unwrap();
+    let all: Vec<(String, Vec<u8>)> = bodies
+        .iter()
+        .map(|b| (KEY.to_string(), b.clone()))
+        .collect();
+    publisher.publish_many(all).await.unwrap();
+    publisher.close().await.unwrap();
 }
